@@ -1,0 +1,781 @@
+//! Mergeable aggregation states: the one implementation of every aggregation function.
+//!
+//! An [`Aggregation`] (from the feature definition) creates empty [`AggState`]s, updates them with
+//! rows, merges two of them, finalizes one into the feature value, and encodes it into compact,
+//! versioned bytes. The speed layer keeps one state per (entity, tile); the batch layer keeps one
+//! per (entity, day); serving merges them. Every merge is associative and commutative, the empty
+//! state is its identity, and merging the states of any split of the events equals aggregating all
+//! of them (exactly for integers and decimals; within floating-point rounding for floats).
+//!
+//! # Output types (decided once; the generated SQL casts to exactly these)
+//!
+//! | function | input | output | empty / all NULL |
+//! |---|---|---|---|
+//! | `count` | none (rows) or any column (non-NULL values) | int64 | 0 |
+//! | `sum` | int64 / float64 / decimal(p,s) | int64 / float64 / decimal(min(38,p+10), s) | NULL |
+//! | `avg` | int64 / float64 / decimal(p,s) | float64 / float64 / decimal(min(38,p+4), min(38,s+4)), truncated toward zero | NULL |
+//! | `min`, `max` | any | the input type | NULL |
+//! | `var_samp`, `stddev_samp` | numeric | float64 | NULL below 2 values |
+//! | `var_pop`, `stddev_pop` | numeric | float64 | NULL below 1 value |
+//! | `count_distinct` | any | int64 (NULL not counted) | 0 |
+//! | `approx_count_distinct` | any | int64 (HyperLogLog p=12, ≈1.6 % error) | 0 |
+//! | `last_value` | any | the input type: the non-NULL value with the greatest (event time, event id) | NULL |
+//!
+//! Decimal sums and averages are exact integer arithmetic on the unscaled values (`avg` divides
+//! with truncation toward zero, as DataFusion does). Float inputs to variance use Welford's update
+//! and Chan's merge; decimals convert to f64 as Arrow's cast does (`unscaled / 10^scale`).
+//! Overflow (an int64 sum beyond i64, a decimal beyond its output precision) is an error, never a
+//! wrapped value.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use crate::codec::{CodecError, Reader, Writer};
+use crate::filter::Filter;
+use crate::hll::Hll;
+use crate::types::{ColumnType, MAX_DECIMAL_PRECISION, Value, max_unscaled, pow10};
+
+/// The version byte every encoded state starts with.
+pub const STATE_FORMAT_VERSION: u8 = 1;
+
+/// An aggregation function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AggFunction {
+    /// Number of rows (no input) or of non-NULL input values.
+    Count,
+    /// Sum.
+    Sum,
+    /// Arithmetic mean.
+    Avg,
+    /// Minimum.
+    Min,
+    /// Maximum.
+    Max,
+    /// Sample variance.
+    VarSamp,
+    /// Population variance.
+    VarPop,
+    /// Sample standard deviation.
+    StddevSamp,
+    /// Population standard deviation.
+    StddevPop,
+    /// Exact number of distinct non-NULL values.
+    CountDistinct,
+    /// Approximate number of distinct non-NULL values (HyperLogLog).
+    ApproxCountDistinct,
+    /// The latest non-NULL value by event time (ties broken by event id).
+    LastValue,
+}
+
+impl AggFunction {
+    /// Every function, in documentation order.
+    pub const ALL: [AggFunction; 12] = [
+        AggFunction::Count,
+        AggFunction::Sum,
+        AggFunction::Avg,
+        AggFunction::Min,
+        AggFunction::Max,
+        AggFunction::VarSamp,
+        AggFunction::VarPop,
+        AggFunction::StddevSamp,
+        AggFunction::StddevPop,
+        AggFunction::CountDistinct,
+        AggFunction::ApproxCountDistinct,
+        AggFunction::LastValue,
+    ];
+
+    /// The name used in feature definitions.
+    pub fn name(self) -> &'static str {
+        match self {
+            AggFunction::Count => "count",
+            AggFunction::Sum => "sum",
+            AggFunction::Avg => "avg",
+            AggFunction::Min => "min",
+            AggFunction::Max => "max",
+            AggFunction::VarSamp => "var_samp",
+            AggFunction::VarPop => "var_pop",
+            AggFunction::StddevSamp => "stddev_samp",
+            AggFunction::StddevPop => "stddev_pop",
+            AggFunction::CountDistinct => "count_distinct",
+            AggFunction::ApproxCountDistinct => "approx_count_distinct",
+            AggFunction::LastValue => "last_value",
+        }
+    }
+
+    /// Parses a function name.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name() == name)
+            .ok_or_else(|| {
+                format!(
+                    "unknown function `{name}` (expected one of: {})",
+                    Self::ALL.map(|f| f.name()).join(", ")
+                )
+            })
+    }
+
+    /// The output type for an input column type (`None` = no input column), or why the
+    /// combination is invalid.
+    pub fn output_type(self, input: Option<ColumnType>) -> Result<ColumnType, String> {
+        use AggFunction::*;
+        let Some(ty) = input else {
+            return match self {
+                Count => Ok(ColumnType::Int64),
+                f => Err(format!("`{}` needs an input column", f.name())),
+            };
+        };
+        let numeric_only = || {
+            Err(format!(
+                "`{}` is not valid for a {ty} column (it needs int64, float64 or decimal)",
+                self.name()
+            ))
+        };
+        match self {
+            Count | CountDistinct | ApproxCountDistinct => Ok(ColumnType::Int64),
+            Min | Max | LastValue => Ok(ty),
+            Sum => match ty {
+                ColumnType::Int64 | ColumnType::Float64 => Ok(ty),
+                ColumnType::Decimal { precision, scale } => Ok(ColumnType::Decimal {
+                    precision: (precision + 10).min(MAX_DECIMAL_PRECISION),
+                    scale,
+                }),
+                _ => numeric_only(),
+            },
+            Avg => match ty {
+                ColumnType::Int64 | ColumnType::Float64 => Ok(ColumnType::Float64),
+                ColumnType::Decimal { precision, scale } => Ok(ColumnType::Decimal {
+                    precision: (precision + 4).min(MAX_DECIMAL_PRECISION),
+                    scale: (scale + 4).min(MAX_DECIMAL_PRECISION),
+                }),
+                _ => numeric_only(),
+            },
+            VarSamp | VarPop | StddevSamp | StddevPop => {
+                if ty.is_numeric() {
+                    Ok(ColumnType::Float64)
+                } else {
+                    numeric_only()
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for AggFunction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Errors while finalizing or decoding a state.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AggError {
+    /// The result does not fit the output type.
+    #[error("aggregation `{aggregation}` overflows its output type {output}")]
+    Overflow {
+        /// The aggregation's name.
+        aggregation: String,
+        /// Its output type.
+        output: ColumnType,
+    },
+    /// Stored bytes could not be read.
+    #[error("aggregation `{aggregation}`: {source}")]
+    Codec {
+        /// The aggregation's name.
+        aggregation: String,
+        /// What was wrong.
+        #[source]
+        source: CodecError,
+    },
+}
+
+/// A canonical, hashable form of a non-NULL value for distinct counting.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DistinctKey {
+    /// Int64, decimal (unscaled), timestamp, and float64 (canonical bits).
+    Num(i128),
+    /// Strings.
+    Str(Box<str>),
+    /// Bools.
+    Bool(bool),
+}
+
+impl DistinctKey {
+    /// The key of a non-NULL value (`None` for NULL). Floats: `-0.0` equals `0.0`, all NaNs are one.
+    pub fn of(v: &Value) -> Option<DistinctKey> {
+        Some(match v {
+            Value::Null => return None,
+            Value::Str(s) => DistinctKey::Str(s.as_str().into()),
+            Value::Int(i) | Value::Timestamp(i) => DistinctKey::Num(*i as i128),
+            Value::Decimal(d) => DistinctKey::Num(*d),
+            Value::Bool(b) => DistinctKey::Bool(*b),
+            Value::Float(f) => DistinctKey::Num(canonical_float_bits(*f) as i128),
+        })
+    }
+
+    /// Stable 64-bit hash (XXH3) of the canonical bytes, for HyperLogLog.
+    pub fn hash64(v: &Value) -> Option<u64> {
+        use xxhash_rust::xxh3::xxh3_64;
+        Some(match v {
+            Value::Null => return None,
+            Value::Str(s) => xxh3_64(s.as_bytes()),
+            Value::Int(i) | Value::Timestamp(i) => xxh3_64(&(*i as i128).to_le_bytes()),
+            Value::Decimal(d) => xxh3_64(&d.to_le_bytes()),
+            Value::Bool(b) => xxh3_64(&[*b as u8]),
+            Value::Float(f) => xxh3_64(&(canonical_float_bits(*f) as i128).to_le_bytes()),
+        })
+    }
+}
+
+fn canonical_float_bits(f: f64) -> i64 {
+    if f.is_nan() {
+        f64::NAN.to_bits() as i64
+    } else if f == 0.0 {
+        0
+    } else {
+        f.to_bits() as i64
+    }
+}
+
+/// The mergeable state of one aggregation over some set of events.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AggState {
+    /// `count`.
+    Count(u64),
+    /// Integer sum / avg: exact i128 sum and number of values.
+    SumInt {
+        /// Exact sum.
+        sum: i128,
+        /// Values summed.
+        n: u64,
+    },
+    /// Float sum / avg.
+    SumFloat {
+        /// Sum.
+        sum: f64,
+        /// Values summed.
+        n: u64,
+    },
+    /// Decimal sum / avg: exact unscaled sum at the input scale.
+    SumDecimal {
+        /// Exact unscaled sum.
+        sum: i128,
+        /// Values summed.
+        n: u64,
+    },
+    /// `min` / `max`: the extreme so far.
+    Extreme(Option<Value>),
+    /// Variance family: count, mean and sum of squared deviations (Welford / Chan).
+    Moments {
+        /// Values seen.
+        n: u64,
+        /// Running mean.
+        mean: f64,
+        /// Sum of squared deviations from the mean.
+        m2: f64,
+    },
+    /// Exact distinct set.
+    Distinct(HashSet<DistinctKey>),
+    /// Approximate distinct sketch.
+    Sketch(Hll),
+    /// `last_value`: (event time, event id, value) of the latest non-NULL value.
+    Last(Option<(i64, String, Value)>),
+}
+
+/// One validated aggregation of a feature view: what to compute over which column, for which rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Aggregation {
+    /// Name (feature names are `<name>_<window>`).
+    pub name: String,
+    /// The function.
+    pub function: AggFunction,
+    /// Index of the input column in the source schema (`None` for `count` of rows).
+    pub input: Option<usize>,
+    /// The input column's type.
+    pub input_type: Option<ColumnType>,
+    /// The output type (see the module docs).
+    pub output_type: ColumnType,
+    /// Optional row filter.
+    pub filter: Option<Filter>,
+}
+
+impl Aggregation {
+    /// The empty state: the identity of [`Aggregation::merge`].
+    pub fn empty(&self) -> AggState {
+        use AggFunction::*;
+        match self.function {
+            Count => AggState::Count(0),
+            Sum | Avg => match self.input_type {
+                Some(ColumnType::Float64) => AggState::SumFloat { sum: 0.0, n: 0 },
+                Some(ColumnType::Decimal { .. }) => AggState::SumDecimal { sum: 0, n: 0 },
+                _ => AggState::SumInt { sum: 0, n: 0 },
+            },
+            Min | Max => AggState::Extreme(None),
+            VarSamp | VarPop | StddevSamp | StddevPop => AggState::Moments { n: 0, mean: 0.0, m2: 0.0 },
+            CountDistinct => AggState::Distinct(HashSet::new()),
+            ApproxCountDistinct => AggState::Sketch(Hll::default()),
+            LastValue => AggState::Last(None),
+        }
+    }
+
+    fn scale(&self) -> u8 {
+        match self.input_type {
+            Some(ColumnType::Decimal { scale, .. }) => scale,
+            _ => 0,
+        }
+    }
+
+    /// Applies one row (already decoded into schema order) to `state`, if it passes the filter.
+    /// `event_time` and `event_id` order `last_value`.
+    #[inline]
+    pub fn update(&self, state: &mut AggState, row: &[Value], event_time: i64, event_id: &str) {
+        if let Some(f) = &self.filter
+            && !f.passes(row)
+        {
+            return;
+        }
+        let v = match self.input {
+            Some(i) => &row[i],
+            None => {
+                if let AggState::Count(n) = state {
+                    *n += 1;
+                }
+                return;
+            }
+        };
+        if v.is_null() {
+            return;
+        }
+        match (state, v) {
+            (AggState::Count(n), _) => *n += 1,
+            (AggState::SumInt { sum, n }, Value::Int(i)) => {
+                *sum += *i as i128;
+                *n += 1;
+            }
+            (AggState::SumFloat { sum, n }, Value::Float(f)) => {
+                *sum += *f;
+                *n += 1;
+            }
+            (AggState::SumDecimal { sum, n }, Value::Decimal(d)) => {
+                // |d| < 10^38 and n < 2^64 values: the i128 sum cannot overflow before 10^19 rows.
+                *sum = sum.saturating_add(*d);
+                *n += 1;
+            }
+            (AggState::Extreme(cur), v) => {
+                let replace = match cur {
+                    None => true,
+                    Some(c) => {
+                        let ord = v.total_cmp(c);
+                        if self.function == AggFunction::Min {
+                            ord.is_lt()
+                        } else {
+                            ord.is_gt()
+                        }
+                    }
+                };
+                if replace {
+                    *cur = Some(v.clone());
+                }
+            }
+            (AggState::Moments { n, mean, m2 }, v) => {
+                if let Some(x) = v.as_f64(self.scale()) {
+                    *n += 1;
+                    let d = x - *mean;
+                    *mean += d / *n as f64;
+                    *m2 += d * (x - *mean);
+                }
+            }
+            (AggState::Distinct(set), v) => {
+                if let Some(k) = DistinctKey::of(v) {
+                    set.insert(k);
+                }
+            }
+            (AggState::Sketch(h), v) => {
+                if let Some(hash) = DistinctKey::hash64(v) {
+                    h.add_hash(hash);
+                }
+            }
+            (AggState::Last(cur), v) => {
+                let newer = match cur {
+                    None => true,
+                    Some((t, id, _)) => (event_time, event_id) > (*t, id.as_str()),
+                };
+                if newer {
+                    *cur = Some((event_time, event_id.to_string(), v.clone()));
+                }
+            }
+            // A value of another type than the column's cannot come out of the decoder.
+            _ => {}
+        }
+    }
+
+    /// Merges `other` into `state`. Both must come from this aggregation.
+    pub fn merge(&self, state: &mut AggState, other: &AggState) {
+        match (state, other) {
+            (AggState::Count(a), AggState::Count(b)) => *a += b,
+            (AggState::SumInt { sum, n }, AggState::SumInt { sum: s2, n: n2 })
+            | (AggState::SumDecimal { sum, n }, AggState::SumDecimal { sum: s2, n: n2 }) => {
+                *sum = sum.saturating_add(*s2);
+                *n += n2;
+            }
+            (AggState::SumFloat { sum, n }, AggState::SumFloat { sum: s2, n: n2 }) => {
+                if *n2 > 0 {
+                    *sum = if *n == 0 { *s2 } else { *sum + s2 };
+                    *n += n2;
+                }
+            }
+            (AggState::Extreme(a), AggState::Extreme(Some(b))) => {
+                let replace = match a {
+                    None => true,
+                    Some(c) => {
+                        let ord = b.total_cmp(c);
+                        if self.function == AggFunction::Min {
+                            ord.is_lt()
+                        } else {
+                            ord.is_gt()
+                        }
+                    }
+                };
+                if replace {
+                    *a = Some(b.clone());
+                }
+            }
+            (AggState::Extreme(_), AggState::Extreme(None)) => {}
+            (AggState::Moments { n, mean, m2 }, AggState::Moments { n: nb, mean: mb, m2: m2b }) => {
+                if *nb == 0 {
+                    return;
+                }
+                if *n == 0 {
+                    (*n, *mean, *m2) = (*nb, *mb, *m2b);
+                    return;
+                }
+                let na = *n as f64;
+                let nbf = *nb as f64;
+                let total = na + nbf;
+                let delta = mb - *mean;
+                *mean += delta * nbf / total;
+                *m2 += m2b + delta * delta * na * nbf / total;
+                *n += nb;
+            }
+            (AggState::Distinct(a), AggState::Distinct(b)) => {
+                a.extend(b.iter().cloned());
+            }
+            (AggState::Sketch(a), AggState::Sketch(b)) => a.merge(b),
+            (AggState::Last(a), AggState::Last(Some(b))) => {
+                let newer = match a {
+                    None => true,
+                    Some((t, id, _)) => (b.0, b.1.as_str()) > (*t, id.as_str()),
+                };
+                if newer {
+                    *a = Some(b.clone());
+                }
+            }
+            (AggState::Last(_), AggState::Last(None)) => {}
+            // States of different aggregations are never merged (a bug in the caller); ignore.
+            _ => debug_assert!(false, "merging states of different aggregations"),
+        }
+    }
+
+    /// The feature value of `state`, typed as [`Aggregation::output_type`].
+    pub fn finalize(&self, state: &AggState) -> Result<Value, AggError> {
+        let overflow = || AggError::Overflow {
+            aggregation: self.name.clone(),
+            output: self.output_type,
+        };
+        use AggFunction::*;
+        Ok(match (self.function, state) {
+            (Count, AggState::Count(n)) => Value::Int(i64::try_from(*n).map_err(|_| overflow())?),
+            (_, AggState::SumInt { n: 0, .. } | AggState::SumFloat { n: 0, .. } | AggState::SumDecimal { n: 0, .. }) => {
+                Value::Null
+            }
+            (Sum, AggState::SumInt { sum, .. }) => Value::Int(i64::try_from(*sum).map_err(|_| overflow())?),
+            (Sum, AggState::SumFloat { sum, .. }) => Value::Float(*sum),
+            (Sum, AggState::SumDecimal { sum, .. }) => {
+                let ColumnType::Decimal { precision, .. } = self.output_type else {
+                    return Err(overflow());
+                };
+                if sum.unsigned_abs() > max_unscaled(precision) as u128 {
+                    return Err(overflow());
+                }
+                Value::Decimal(*sum)
+            }
+            (Avg, AggState::SumInt { sum, n }) => Value::Float(*sum as f64 / *n as f64),
+            (Avg, AggState::SumFloat { sum, n }) => Value::Float(*sum / *n as f64),
+            (Avg, AggState::SumDecimal { sum, n }) => {
+                let ColumnType::Decimal { precision, scale: out_scale } = self.output_type else {
+                    return Err(overflow());
+                };
+                let mul = pow10(out_scale - self.scale());
+                let scaled = sum.checked_mul(mul).ok_or_else(overflow)?;
+                let v = scaled / *n as i128;
+                if v.unsigned_abs() > max_unscaled(precision) as u128 {
+                    return Err(overflow());
+                }
+                Value::Decimal(v)
+            }
+            (Min | Max, AggState::Extreme(v)) => v.clone().unwrap_or(Value::Null),
+            (f @ (VarSamp | VarPop | StddevSamp | StddevPop), AggState::Moments { n, m2, .. }) => {
+                let sample = matches!(f, VarSamp | StddevSamp);
+                let var = if sample {
+                    if *n < 2 {
+                        return Ok(Value::Null);
+                    }
+                    m2 / (*n - 1) as f64
+                } else {
+                    if *n < 1 {
+                        return Ok(Value::Null);
+                    }
+                    m2 / *n as f64
+                };
+                Value::Float(if matches!(f, StddevSamp | StddevPop) { var.sqrt() } else { var })
+            }
+            (CountDistinct, AggState::Distinct(s)) => Value::Int(s.len() as i64),
+            (ApproxCountDistinct, AggState::Sketch(h)) => Value::Int(h.estimate() as i64),
+            (LastValue, AggState::Last(v)) => v.as_ref().map(|(_, _, v)| v.clone()).unwrap_or(Value::Null),
+            _ => return Err(overflow()),
+        })
+    }
+
+    /// Appends the state's compact encoding (without the version byte; see [`encode_states`]).
+    pub fn encode(&self, state: &AggState, w: &mut Writer) {
+        match state {
+            AggState::Count(n) => {
+                w.u8(b'c');
+                w.u64(*n);
+            }
+            AggState::SumInt { sum, n } => {
+                w.u8(b'i');
+                w.i128(*sum);
+                w.u64(*n);
+            }
+            AggState::SumFloat { sum, n } => {
+                w.u8(b'f');
+                w.f64(*sum);
+                w.u64(*n);
+            }
+            AggState::SumDecimal { sum, n } => {
+                w.u8(b'd');
+                w.i128(*sum);
+                w.u64(*n);
+            }
+            AggState::Extreme(v) => {
+                w.u8(b'x');
+                encode_opt_value(v.as_ref(), w);
+            }
+            AggState::Moments { n, mean, m2 } => {
+                w.u8(b'm');
+                w.u64(*n);
+                w.f64(*mean);
+                w.f64(*m2);
+            }
+            AggState::Distinct(set) => {
+                w.u8(b's');
+                let mut keys: Vec<&DistinctKey> = set.iter().collect();
+                keys.sort_unstable();
+                w.u64(keys.len() as u64);
+                for k in keys {
+                    match k {
+                        DistinctKey::Num(i) => {
+                            w.u8(0);
+                            w.i128(*i)
+                        }
+                        DistinctKey::Str(s) => {
+                            w.u8(1);
+                            w.bytes(s.as_bytes())
+                        }
+                        DistinctKey::Bool(b) => {
+                            w.u8(2);
+                            w.u8(*b as u8)
+                        }
+                    }
+                }
+            }
+            AggState::Sketch(h) => {
+                w.u8(b'h');
+                h.canonical().encode(w);
+            }
+            AggState::Last(v) => {
+                w.u8(b'l');
+                match v {
+                    None => w.u8(0),
+                    Some((t, id, v)) => {
+                        w.u8(1);
+                        w.i64(*t);
+                        w.bytes(id.as_bytes());
+                        encode_opt_value(Some(v), w);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads a state written by [`Aggregation::encode`], checking it is this aggregation's kind.
+    pub fn decode(&self, r: &mut Reader<'_>) -> Result<AggState, AggError> {
+        let codec = |source| AggError::Codec {
+            aggregation: self.name.clone(),
+            source,
+        };
+        let expected = tag_of(&self.empty());
+        let tag = r.u8().map_err(codec)?;
+        if tag != expected {
+            return Err(codec(CodecError::KindMismatch {
+                found: (tag as char).to_string(),
+                expected: (expected as char).to_string(),
+            }));
+        }
+        let read = |r: &mut Reader<'_>| -> Result<AggState, CodecError> {
+            Ok(match tag {
+                b'c' => AggState::Count(r.u64()?),
+                b'i' => AggState::SumInt { sum: r.i128()?, n: r.u64()? },
+                b'f' => AggState::SumFloat { sum: r.f64()?, n: r.u64()? },
+                b'd' => AggState::SumDecimal { sum: r.i128()?, n: r.u64()? },
+                b'x' => AggState::Extreme(decode_opt_value(r, self.input_type)?),
+                b'm' => AggState::Moments { n: r.u64()?, mean: r.f64()?, m2: r.f64()? },
+                b's' => {
+                    let n = r.u64()? as usize;
+                    let mut set = HashSet::with_capacity(n.min(1 << 16));
+                    for _ in 0..n {
+                        set.insert(match r.u8()? {
+                            0 => DistinctKey::Num(r.i128()?),
+                            1 => DistinctKey::Str(r.str()?.into()),
+                            2 => DistinctKey::Bool(r.u8()? != 0),
+                            t => return Err(CodecError::Corrupt(format!("distinct key tag {t}"))),
+                        });
+                    }
+                    AggState::Distinct(set)
+                }
+                b'h' => AggState::Sketch(Hll::decode(r)?),
+                b'l' => match r.u8()? {
+                    0 => AggState::Last(None),
+                    _ => {
+                        let t = r.i64()?;
+                        let id = r.str()?.to_string();
+                        let v = decode_opt_value(r, self.input_type)?
+                            .ok_or_else(|| CodecError::Corrupt("last_value without a value".into()))?;
+                        AggState::Last(Some((t, id, v)))
+                    }
+                },
+                t => return Err(CodecError::Corrupt(format!("unknown state tag {t}"))),
+            })
+        };
+        read(r).map_err(codec)
+    }
+}
+
+fn tag_of(s: &AggState) -> u8 {
+    match s {
+        AggState::Count(_) => b'c',
+        AggState::SumInt { .. } => b'i',
+        AggState::SumFloat { .. } => b'f',
+        AggState::SumDecimal { .. } => b'd',
+        AggState::Extreme(_) => b'x',
+        AggState::Moments { .. } => b'm',
+        AggState::Distinct(_) => b's',
+        AggState::Sketch(_) => b'h',
+        AggState::Last(_) => b'l',
+    }
+}
+
+fn encode_opt_value(v: Option<&Value>, w: &mut Writer) {
+    match v {
+        None | Some(Value::Null) => w.u8(0),
+        Some(Value::Str(s)) => {
+            w.u8(1);
+            w.bytes(s.as_bytes())
+        }
+        Some(Value::Int(i)) => {
+            w.u8(2);
+            w.i64(*i)
+        }
+        Some(Value::Float(f)) => {
+            w.u8(3);
+            w.f64(*f)
+        }
+        Some(Value::Decimal(d)) => {
+            w.u8(4);
+            w.i128(*d)
+        }
+        Some(Value::Bool(b)) => {
+            w.u8(5);
+            w.u8(*b as u8)
+        }
+        Some(Value::Timestamp(t)) => {
+            w.u8(6);
+            w.i64(*t)
+        }
+    }
+}
+
+fn decode_opt_value(r: &mut Reader<'_>, ty: Option<ColumnType>) -> Result<Option<Value>, CodecError> {
+    let v = match r.u8()? {
+        0 => return Ok(None),
+        1 => Value::Str(r.str()?.to_string()),
+        2 => Value::Int(r.i64()?),
+        3 => Value::Float(r.f64()?),
+        4 => Value::Decimal(r.i128()?),
+        5 => Value::Bool(r.u8()? != 0),
+        6 => Value::Timestamp(r.i64()?),
+        t => return Err(CodecError::Corrupt(format!("unknown value tag {t}"))),
+    };
+    let fits = matches!(
+        (&v, ty),
+        (Value::Str(_), Some(ColumnType::String))
+            | (Value::Int(_), Some(ColumnType::Int64))
+            | (Value::Float(_), Some(ColumnType::Float64))
+            | (Value::Decimal(_), Some(ColumnType::Decimal { .. }))
+            | (Value::Bool(_), Some(ColumnType::Bool))
+            | (Value::Timestamp(_), Some(ColumnType::Timestamp))
+    );
+    if !fits {
+        return Err(CodecError::Corrupt("stored value has another type than the column".into()));
+    }
+    Ok(Some(v))
+}
+
+/// Encodes the states of all of a view's aggregations (in order) as one versioned blob.
+pub fn encode_states(aggs: &[Aggregation], states: &[AggState]) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u8(STATE_FORMAT_VERSION);
+    for (a, s) in aggs.iter().zip(states) {
+        a.encode(s, &mut w);
+    }
+    w.buf
+}
+
+/// Decodes a blob written by [`encode_states`] for the same aggregations.
+pub fn decode_states(aggs: &[Aggregation], bytes: &[u8]) -> Result<Vec<AggState>, AggError> {
+    let mut r = Reader::new(bytes);
+    let err = |source| AggError::Codec {
+        aggregation: "(header)".into(),
+        source,
+    };
+    let v = r.u8().map_err(err)?;
+    if v != STATE_FORMAT_VERSION {
+        return Err(err(CodecError::UnknownVersion(v, STATE_FORMAT_VERSION)));
+    }
+    let states = aggs.iter().map(|a| a.decode(&mut r)).collect::<Result<Vec<_>, _>>()?;
+    if !r.is_empty() {
+        return Err(err(CodecError::Corrupt("trailing bytes after the last state".into())));
+    }
+    Ok(states)
+}
+
+/// Helper for the common pattern: a fresh state for every aggregation of a view.
+pub fn empty_states(aggs: &[Aggregation]) -> Vec<AggState> {
+    aggs.iter().map(Aggregation::empty).collect()
+}
+
+/// Applies one row to every aggregation's state.
+#[inline]
+pub fn update_all(aggs: &[Aggregation], states: &mut [AggState], row: &[Value], event_time: i64, event_id: &str) {
+    for (a, s) in aggs.iter().zip(states.iter_mut()) {
+        a.update(s, row, event_time, event_id);
+    }
+}
+
+/// Merges `other` into `states`, aggregation by aggregation.
+pub fn merge_all(aggs: &[Aggregation], states: &mut [AggState], other: &[AggState]) {
+    for ((a, s), o) in aggs.iter().zip(states.iter_mut()).zip(other) {
+        a.merge(s, o);
+    }
+}

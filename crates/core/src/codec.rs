@@ -1,0 +1,193 @@
+//! Compact binary encoding helpers for aggregation states (LEB128 varints, zigzag, raw floats).
+//!
+//! States are stored in DynamoDB items and Parquet columns, so the encoding is compact,
+//! deterministic (equal states encode to equal bytes) and versioned by a leading byte.
+
+/// Why bytes could not be decoded into a state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// The bytes end before the value does.
+    #[error("state bytes end unexpectedly (truncated or corrupt)")]
+    Truncated,
+    /// A format version this build does not know.
+    #[error("unknown state format version {0} (this build reads version {1})")]
+    UnknownVersion(u8, u8),
+    /// The stored state is for another aggregation kind.
+    #[error("stored state is a `{found}` state but `{expected}` was expected")]
+    KindMismatch {
+        /// The tag in the bytes.
+        found: String,
+        /// The tag the aggregation needs.
+        expected: String,
+    },
+    /// Anything else malformed.
+    #[error("corrupt state: {0}")]
+    Corrupt(String),
+}
+
+/// Appends values to a byte buffer.
+#[derive(Debug, Default)]
+pub struct Writer {
+    /// The encoded bytes.
+    pub buf: Vec<u8>,
+}
+
+impl Writer {
+    /// Unsigned LEB128.
+    pub fn u64(&mut self, mut v: u64) {
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                self.buf.push(byte);
+                return;
+            }
+            self.buf.push(byte | 0x80);
+        }
+    }
+    /// Unsigned LEB128 of a u128.
+    pub fn u128(&mut self, mut v: u128) {
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                self.buf.push(byte);
+                return;
+            }
+            self.buf.push(byte | 0x80);
+        }
+    }
+    /// Zigzag-encoded i64.
+    pub fn i64(&mut self, v: i64) {
+        self.u64(((v << 1) ^ (v >> 63)) as u64)
+    }
+    /// Zigzag-encoded i128.
+    pub fn i128(&mut self, v: i128) {
+        self.u128(((v << 1) ^ (v >> 127)) as u128)
+    }
+    /// Raw little-endian f64 (bit exact).
+    pub fn f64(&mut self, v: f64) {
+        self.buf.extend_from_slice(&v.to_le_bytes())
+    }
+    /// One byte.
+    pub fn u8(&mut self, v: u8) {
+        self.buf.push(v)
+    }
+    /// Length-prefixed bytes.
+    pub fn bytes(&mut self, b: &[u8]) {
+        self.u64(b.len() as u64);
+        self.buf.extend_from_slice(b);
+    }
+}
+
+/// Reads values written by [`Writer`].
+#[derive(Debug)]
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader over `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+    /// True when every byte was consumed.
+    pub fn is_empty(&self) -> bool {
+        self.pos >= self.buf.len()
+    }
+    /// One byte.
+    pub fn u8(&mut self) -> Result<u8, CodecError> {
+        let b = *self.buf.get(self.pos).ok_or(CodecError::Truncated)?;
+        self.pos += 1;
+        Ok(b)
+    }
+    /// Unsigned LEB128.
+    pub fn u64(&mut self) -> Result<u64, CodecError> {
+        let mut v: u64 = 0;
+        for shift in (0..70).step_by(7) {
+            let b = self.u8()?;
+            if shift == 63 && b > 1 {
+                return Err(CodecError::Corrupt("varint overflows u64".into()));
+            }
+            v |= ((b & 0x7f) as u64) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(CodecError::Corrupt("varint too long".into()))
+    }
+    /// Unsigned LEB128 u128.
+    pub fn u128(&mut self) -> Result<u128, CodecError> {
+        let mut v: u128 = 0;
+        for shift in (0..133).step_by(7) {
+            let b = self.u8()?;
+            if shift == 126 && b > 3 {
+                return Err(CodecError::Corrupt("varint overflows u128".into()));
+            }
+            v |= ((b & 0x7f) as u128) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(CodecError::Corrupt("varint too long".into()))
+    }
+    /// Zigzag i64.
+    pub fn i64(&mut self) -> Result<i64, CodecError> {
+        let u = self.u64()?;
+        Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
+    }
+    /// Zigzag i128.
+    pub fn i128(&mut self) -> Result<i128, CodecError> {
+        let u = self.u128()?;
+        Ok(((u >> 1) as i128) ^ -((u & 1) as i128))
+    }
+    /// Raw f64.
+    pub fn f64(&mut self) -> Result<f64, CodecError> {
+        let end = self.pos + 8;
+        let s = self.buf.get(self.pos..end).ok_or(CodecError::Truncated)?;
+        self.pos = end;
+        Ok(f64::from_le_bytes(s.try_into().map_err(|_| CodecError::Truncated)?))
+    }
+    /// Length-prefixed bytes.
+    pub fn bytes(&mut self) -> Result<&'a [u8], CodecError> {
+        let n = usize::try_from(self.u64()?).map_err(|_| CodecError::Truncated)?;
+        let end = self.pos.checked_add(n).ok_or(CodecError::Truncated)?;
+        let s = self.buf.get(self.pos..end).ok_or(CodecError::Truncated)?;
+        self.pos = end;
+        Ok(s)
+    }
+    /// Length-prefixed UTF-8.
+    pub fn str(&mut self) -> Result<&'a str, CodecError> {
+        std::str::from_utf8(self.bytes()?).map_err(|_| CodecError::Corrupt("invalid UTF-8".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_round_trip() {
+        let mut w = Writer::default();
+        for v in [0i64, 1, -1, 63, -64, i64::MAX, i64::MIN] {
+            w.i64(v);
+        }
+        for v in [0i128, -5, i128::MAX, i128::MIN] {
+            w.i128(v);
+        }
+        w.f64(-0.0);
+        w.bytes(b"abc");
+        let mut r = Reader::new(&w.buf);
+        for v in [0i64, 1, -1, 63, -64, i64::MAX, i64::MIN] {
+            assert_eq!(r.i64().unwrap(), v);
+        }
+        for v in [0i128, -5, i128::MAX, i128::MIN] {
+            assert_eq!(r.i128().unwrap(), v);
+        }
+        assert_eq!(r.f64().unwrap().to_bits(), (-0.0f64).to_bits());
+        assert_eq!(r.str().unwrap(), "abc");
+        assert!(r.is_empty());
+        assert_eq!(r.u8(), Err(CodecError::Truncated));
+    }
+}

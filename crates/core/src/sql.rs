@@ -1,0 +1,120 @@
+//! Batch SQL generated from the feature definition (DataFusion dialect).
+//!
+//! The generated SQL implements exactly the rules of [`crate::time`] and [`crate::agg`]: the served
+//! range of each window comes from [`served_range`], filters are rendered by
+//! [`Filter::to_sql`](crate::filter::Filter::to_sql) with the same three-valued logic, duplicates
+//! of an event id are dropped (the earliest event time is kept; duplicates are identical by
+//! contract), and every feature is cast to its documented output type.
+//!
+//! `approx_count_distinct` is computed by the UDAF [`APPROX_DISTINCT_UDAF`], which the batch layer
+//! registers from this crate's own HyperLogLog so both paths produce the same sketch.
+
+use crate::agg::{AggFunction, Aggregation};
+use crate::filter::quote_ident;
+use crate::spec::FeatureView;
+use crate::time::{Span, format_ts, served_range};
+
+/// Name of the UDAF that computes `approx_count_distinct` with the core HyperLogLog.
+pub const APPROX_DISTINCT_UDAF: &str = "lambda_approx_distinct";
+
+/// A timestamp literal for an epoch-millisecond instant.
+pub fn ts_literal(t_ms: i64) -> String {
+    format!("TIMESTAMP '{}'", format_ts(t_ms))
+}
+
+/// The SQL expression that assigns a row to its tile: DataFusion's `date_bin` with the epoch as
+/// origin, which must agree with [`crate::time::tile_start`] (a test in `lambda-batch` checks it).
+pub fn tile_expr(view: &FeatureView, width: Span) -> String {
+    format!(
+        "date_bin(INTERVAL '{} milliseconds', {}, TIMESTAMP '1970-01-01T00:00:00Z')",
+        width.millis(),
+        quote_ident(&view.source.columns[view.source.event_time].name)
+    )
+}
+
+/// The aggregate call of `agg` restricted to rows where `extra` (a SQL condition) holds, cast to
+/// its output type.
+pub fn aggregate_expr(view: &FeatureView, agg: &Aggregation, extra: Option<&str>) -> String {
+    let cols = view.source.name_types();
+    let input = agg.input.map(|i| quote_ident(&view.source.columns[i].name));
+    let arg = input.clone().unwrap_or_else(|| "*".into());
+    let ts = quote_ident(&view.source.columns[view.source.event_time].name);
+    let id = quote_ident(&view.source.columns[view.source.event_id].name);
+    let call = match agg.function {
+        AggFunction::Count => format!("count({arg})"),
+        AggFunction::Sum => format!("sum({arg})"),
+        AggFunction::Avg => format!("avg({arg})"),
+        AggFunction::Min => format!("min({arg})"),
+        AggFunction::Max => format!("max({arg})"),
+        AggFunction::VarSamp => format!("var_samp({arg})"),
+        AggFunction::VarPop => format!("var_pop({arg})"),
+        AggFunction::StddevSamp => format!("stddev_samp({arg})"),
+        AggFunction::StddevPop => format!("stddev_pop({arg})"),
+        AggFunction::CountDistinct => format!("count(DISTINCT {arg})"),
+        AggFunction::ApproxCountDistinct => format!("{APPROX_DISTINCT_UDAF}({arg})"),
+        AggFunction::LastValue => format!("last_value({arg} ORDER BY {ts} ASC, {id} ASC)"),
+    };
+    let mut conds: Vec<String> = Vec::new();
+    if let Some(e) = extra {
+        conds.push(e.to_string());
+    }
+    if let Some(f) = &agg.filter {
+        conds.push(f.to_sql(&cols));
+    }
+    if agg.function == AggFunction::LastValue
+        && let Some(i) = &input
+    {
+        conds.push(format!("{i} IS NOT NULL"));
+    }
+    let filtered = if conds.is_empty() {
+        call
+    } else {
+        format!("{call} FILTER (WHERE {})", conds.join(" AND "))
+    };
+    format!("CAST({filtered} AS {})", agg.output_type.sql_type())
+}
+
+/// The deduplicated events with event time in `[start, end)`, as a subquery body.
+pub fn dedup_events(view: &FeatureView, table: &str, start_ms: i64, end_ms: i64) -> String {
+    let ts = quote_ident(&view.source.columns[view.source.event_time].name);
+    let id = quote_ident(&view.source.columns[view.source.event_id].name);
+    format!(
+        "SELECT DISTINCT ON ({id}) * FROM {table}\n  WHERE {ts} >= {} AND {ts} < {}\n  ORDER BY {id}, {ts}",
+        ts_literal(start_ms),
+        ts_literal(end_ms),
+        table = quote_ident(table),
+    )
+}
+
+/// Point-in-time features: one row per entity with every feature of the view as served at
+/// `as_of` (each window over [`served_range`]`(as_of, window)`), columns `entity` then the
+/// features in [`FeatureView::features`] order.
+pub fn features_as_of(view: &FeatureView, table: &str, as_of_ms: i64) -> String {
+    let ts = quote_ident(&view.source.columns[view.source.event_time].name);
+    let entity = quote_ident(&view.entity_column().name);
+    let features = view.features();
+    let earliest = features
+        .iter()
+        .map(|f| served_range(as_of_ms, f.window).0)
+        .min()
+        .unwrap_or(as_of_ms);
+    let mut select = vec![format!("{entity} AS \"entity\"")];
+    for f in &features {
+        let (start, _) = served_range(as_of_ms, f.window);
+        let agg = &view.aggregations[f.aggregation].aggregation;
+        let range = format!("{ts} >= {}", ts_literal(start));
+        select.push(format!(
+            "{} AS {}",
+            aggregate_expr(view, agg, Some(&range)),
+            quote_ident(&f.name)
+        ));
+    }
+    format!(
+        "-- features of view `{view}` as of {as_of} (generated by lambda from the feature definition)\n\
+         SELECT\n  {cols}\nFROM (\n  {events}\n) AS events\nGROUP BY {entity}\nORDER BY {entity}",
+        view = view.name,
+        as_of = format_ts(as_of_ms),
+        cols = select.join(",\n  "),
+        events = dedup_events(view, table, earliest, as_of_ms),
+    )
+}
