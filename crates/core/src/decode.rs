@@ -424,3 +424,33 @@ pub fn decode_lines(source: &Source, text: &[u8]) -> Result<(RecordBatch, Vec<Ba
     }
     Ok((builder.finish()?, bad))
 }
+
+/// Reads row `i` of an Arrow array as a typed [`Value`] (the inverse of [`BatchBuilder`]).
+///
+/// Accepts the representations engines produce for our column types: Utf8, LargeUtf8 and
+/// Utf8View strings; Int64; Float64; Decimal128 (unscaled, at the array's own scale); Boolean;
+/// Timestamp in milliseconds (other units are converted, truncating toward −∞).
+pub fn value_at(array: &dyn arrow_array::Array, i: usize) -> Result<Value, String> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::*;
+    use arrow_schema::{DataType as D, TimeUnit};
+    if array.is_null(i) {
+        return Ok(Value::Null);
+    }
+    Ok(match array.data_type() {
+        D::Utf8 => Value::Str(array.as_string::<i32>().value(i).to_string()),
+        D::LargeUtf8 => Value::Str(array.as_string::<i64>().value(i).to_string()),
+        D::Utf8View => Value::Str(array.as_string_view().value(i).to_string()),
+        D::Int64 => Value::Int(array.as_primitive::<Int64Type>().value(i)),
+        D::Float64 => Value::Float(array.as_primitive::<Float64Type>().value(i)),
+        D::Decimal128(_, _) => Value::Decimal(array.as_primitive::<Decimal128Type>().value(i)),
+        D::Boolean => Value::Bool(array.as_boolean().value(i)),
+        D::Timestamp(unit, _) => Value::Timestamp(match unit {
+            TimeUnit::Second => array.as_primitive::<TimestampSecondType>().value(i) * 1000,
+            TimeUnit::Millisecond => array.as_primitive::<TimestampMillisecondType>().value(i),
+            TimeUnit::Microsecond => array.as_primitive::<TimestampMicrosecondType>().value(i).div_euclid(1000),
+            TimeUnit::Nanosecond => array.as_primitive::<TimestampNanosecondType>().value(i).div_euclid(1_000_000),
+        }),
+        other => return Err(format!("unsupported Arrow type {other}")),
+    })
+}

@@ -13,6 +13,7 @@ use crate::agg::{AggFunction, Aggregation};
 use crate::filter::quote_ident;
 use crate::spec::FeatureView;
 use crate::time::{Span, format_ts, served_range};
+use crate::types::ColumnType;
 
 /// Name of the UDAF that computes `approx_count_distinct` with the core HyperLogLog.
 pub const APPROX_DISTINCT_UDAF: &str = "lambda_approx_distinct";
@@ -71,7 +72,13 @@ pub fn aggregate_expr(view: &FeatureView, agg: &Aggregation, extra: Option<&str>
     } else {
         format!("{call} FILTER (WHERE {})", conds.join(" AND "))
     };
-    format!("CAST({filtered} AS {})", agg.output_type.sql_type())
+    if agg.output_type == ColumnType::Timestamp {
+        // min/max/last_value of a timestamp already return the column's Timestamp(ms, "UTC");
+        // a SQL `CAST(.. AS TIMESTAMP)` would turn it into zone-less nanoseconds.
+        filtered
+    } else {
+        format!("CAST({filtered} AS {})", agg.output_type.sql_type())
+    }
 }
 
 /// The deduplicated events with event time in `[start, end)`, as a subquery body.
