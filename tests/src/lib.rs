@@ -1,1 +1,1 @@
-//! End-to-end tests live in tests/.
+//! End-to-end tests of the lambda workspace live in `tests/tests/`; this library is empty.

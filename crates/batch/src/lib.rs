@@ -12,7 +12,9 @@ use datafusion::arrow::array::{Array, ArrayRef, BinaryArray};
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
 use datafusion::common::{DataFusionError, Result as DfResult, ScalarValue};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
-use datafusion::logical_expr::{Accumulator, AggregateUDF, AggregateUDFImpl, Signature, Volatility};
+use datafusion::logical_expr::{
+    Accumulator, AggregateUDF, AggregateUDFImpl, Signature, Volatility,
+};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use lambda_core::agg::DistinctKey;
 use lambda_core::codec::{Reader, Writer};
@@ -26,7 +28,11 @@ use lambda_core::sql::APPROX_DISTINCT_UDAF;
 pub fn session() -> SessionContext {
     let mut config = SessionConfig::new();
     config.options_mut().sql_parser.map_string_types_to_utf8view = false;
-    config.options_mut().execution.parquet.schema_force_view_types = false;
+    config
+        .options_mut()
+        .execution
+        .parquet
+        .schema_force_view_types = false;
     let ctx = SessionContext::new_with_config(config);
     register_functions(&ctx);
     ctx
@@ -75,7 +81,11 @@ impl AggregateUDFImpl for ApproxDistinct {
         Ok(Box::new(HllAccumulator(Hll::default())))
     }
     fn state_fields(&self, args: StateFieldsArgs) -> DfResult<Vec<FieldRef>> {
-        Ok(vec![Arc::new(Field::new(format!("{}[hll]", args.name), DataType::Binary, true))])
+        Ok(vec![Arc::new(Field::new(
+            format!("{}[hll]", args.name),
+            DataType::Binary,
+            true,
+        ))])
     }
     fn default_value(&self, _data_type: &DataType) -> DfResult<ScalarValue> {
         Ok(ScalarValue::Int64(Some(0)))
@@ -89,7 +99,8 @@ impl Accumulator for HllAccumulator {
     fn update_batch(&mut self, values: &[ArrayRef]) -> DfResult<()> {
         let arr = &values[0];
         for i in 0..arr.len() {
-            let v = value_at(arr.as_ref(), i).map_err(|e| DataFusionError::Execution(format!("{APPROX_DISTINCT_UDAF}: {e}")))?;
+            let v = value_at(arr.as_ref(), i)
+                .map_err(|e| DataFusionError::Execution(format!("{APPROX_DISTINCT_UDAF}: {e}")))?;
             if let Some(h) = DistinctKey::hash64(&v) {
                 self.0.add_hash(h);
             }

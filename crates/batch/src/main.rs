@@ -63,7 +63,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sql { view, as_of, table } => {
             let v = FeatureView::load(&view)?;
             let as_of_ms = match as_of {
-                Some(t) => parse_rfc3339_ms(&t).map_err(anyhow::Error::msg).context("--as-of")?,
+                Some(t) => parse_rfc3339_ms(&t)
+                    .map_err(anyhow::Error::msg)
+                    .context("--as-of")?,
                 None => last_midnight(chrono::Utc::now().timestamp_millis()),
             };
             let table = table.unwrap_or_else(|| v.source.name.clone());
@@ -83,7 +85,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             for a in &v.aggregations {
                 let ag = &a.aggregation;
-                let input = ag.input.map(|i| v.source.columns[i].name.as_str()).unwrap_or("*");
+                let input = ag
+                    .input
+                    .map(|i| v.source.columns[i].name.as_str())
+                    .unwrap_or("*");
                 let windows: Vec<String> = a.windows.iter().map(|w| w.to_string()).collect();
                 println!(
                     "  {:<22} {}({input}) -> {}  windows [{}]",
@@ -93,11 +98,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     windows.join(", ")
                 );
             }
-            println!("  served at {}: see `lambda-batch sql`", format_ts(last_midnight(chrono::Utc::now().timestamp_millis())));
+            println!(
+                "  served at {}: see `lambda-batch sql`",
+                format_ts(last_midnight(chrono::Utc::now().timestamp_millis()))
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Run | Command::Schedule => {
-            eprintln!("lambda-batch: this command is not built yet (see the batch-layer issue); nothing was run");
+            eprintln!(
+                "lambda-batch: this command is not built yet (see the batch-layer issue); nothing was run"
+            );
             Ok(ExitCode::from(2))
         }
     }

@@ -18,7 +18,13 @@ type Features = BTreeMap<String, Vec<Value>>;
 
 fn rows_of(batch: &RecordBatch) -> Vec<Vec<Value>> {
     (0..batch.num_rows())
-        .map(|r| batch.columns().iter().map(|c| value_at(c.as_ref(), r).unwrap()).collect())
+        .map(|r| {
+            batch
+                .columns()
+                .iter()
+                .map(|c| value_at(c.as_ref(), r).unwrap())
+                .collect()
+        })
         .collect()
 }
 
@@ -28,17 +34,28 @@ fn reference(view: &FeatureView, rows: &[Vec<Value>], as_of: i64) -> Features {
     let mut seen = HashMap::new();
     let mut events: Vec<&Vec<Value>> = Vec::new();
     for r in rows {
-        let Value::Str(id) = &r[src.event_id] else { panic!("event id") };
+        let Value::Str(id) = &r[src.event_id] else {
+            panic!("event id")
+        };
         if seen.insert(id.clone(), ()).is_none() {
             events.push(r);
         }
     }
     let mut by_entity: BTreeMap<String, Vec<&Vec<Value>>> = BTreeMap::new();
-    let earliest = view.features().iter().map(|f| served_range(as_of, f.window).0).min().unwrap();
+    let earliest = view
+        .features()
+        .iter()
+        .map(|f| served_range(as_of, f.window).0)
+        .min()
+        .unwrap();
     for r in events {
-        let Value::Timestamp(ts) = r[src.event_time] else { panic!("ts") };
+        let Value::Timestamp(ts) = r[src.event_time] else {
+            panic!("ts")
+        };
         if ts >= earliest && ts < as_of {
-            let Value::Str(e) = &r[src.entity] else { panic!("entity") };
+            let Value::Str(e) = &r[src.entity] else {
+                panic!("entity")
+            };
             by_entity.entry(e.clone()).or_default().push(r);
         }
     }
@@ -53,8 +70,12 @@ fn reference(view: &FeatureView, rows: &[Vec<Value>], as_of: i64) -> Features {
                     let (start, end) = served_range(as_of, f.window);
                     let mut state = agg.empty();
                     for r in &evs {
-                        let Value::Timestamp(ts) = r[src.event_time] else { unreachable!() };
-                        let Value::Str(id) = &r[src.event_id] else { unreachable!() };
+                        let Value::Timestamp(ts) = r[src.event_time] else {
+                            unreachable!()
+                        };
+                        let Value::Str(id) = &r[src.event_id] else {
+                            unreachable!()
+                        };
                         if ts >= start && ts < end {
                             agg.update(&mut state, r, ts, id);
                         }
@@ -70,10 +91,17 @@ fn reference(view: &FeatureView, rows: &[Vec<Value>], as_of: i64) -> Features {
 async fn run_sql(view: &FeatureView, batch: RecordBatch, as_of: i64) -> (Vec<RecordBatch>, String) {
     let ctx = lambda_batch::session();
     let table = MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap();
-    ctx.register_table(view.source.name.as_str(), Arc::new(table)).unwrap();
+    ctx.register_table(view.source.name.as_str(), Arc::new(table))
+        .unwrap();
     let text = sql::features_as_of(view, &view.source.name, as_of);
-    let df = ctx.sql(&text).await.unwrap_or_else(|e| panic!("{e}\n{text}"));
-    (df.collect().await.unwrap_or_else(|e| panic!("{e}\n{text}")), text)
+    let df = ctx
+        .sql(&text)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    (
+        df.collect().await.unwrap_or_else(|e| panic!("{e}\n{text}")),
+        text,
+    )
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -100,11 +128,17 @@ async fn assert_sql_matches_core(view: &FeatureView, batch: RecordBatch, as_of: 
     let mut got = Features::new();
     for b in &out {
         for r in rows_of(b) {
-            let Value::Str(e) = &r[0] else { panic!("entity") };
+            let Value::Str(e) = &r[0] else {
+                panic!("entity")
+            };
             got.insert(e.clone(), r[1..].to_vec());
         }
     }
-    assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "entities differ");
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>(),
+        "entities differ"
+    );
     let mut compared = 0;
     for (entity, want) in &expected {
         for (i, f) in features.iter().enumerate() {
@@ -113,7 +147,11 @@ async fn assert_sql_matches_core(view: &FeatureView, batch: RecordBatch, as_of: 
                 (Value::Float(a), Value::Float(b)) => close(*a, *b),
                 _ => g == w,
             };
-            assert!(ok, "entity {entity}, feature {}: SQL gave {g:?}, core gave {w:?}", f.name);
+            assert!(
+                ok,
+                "entity {entity}, feature {}: SQL gave {g:?}, core gave {w:?}",
+                f.name
+            );
             compared += 1;
         }
     }
@@ -127,12 +165,22 @@ fn examples() -> std::path::PathBuf {
 /// Small generated data set (JSON stream, decoded by the core decoder; malformed lines dropped).
 fn generated(view: &FeatureView) -> (RecordBatch, i64) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = GenConfig { events: 40_000, days: 3, users: 150, seed: 7, ..GenConfig::default() };
+    let cfg = GenConfig {
+        events: 40_000,
+        days: 3,
+        users: 150,
+        seed: 7,
+        ..GenConfig::default()
+    };
     let s = generate(&cfg, dir.path(), |_| {}).unwrap();
     assert!(s.duplicates > 0 && s.malformed > 0);
     let text = std::fs::read(dir.path().join("stream/events.jsonl")).unwrap();
     let (batch, bad) = decode_lines(&view.source, &text).unwrap();
-    assert_eq!(bad.len() as u64, s.malformed, "exactly the malformed lines fail to decode");
+    assert_eq!(
+        bad.len() as u64,
+        s.malformed,
+        "exactly the malformed lines fail to decode"
+    );
     (batch, cfg.end_ms)
 }
 
@@ -156,12 +204,21 @@ async fn product_view_sql_matches_core_including_the_sketch() {
 
 /// A view with every function on every type it accepts, half of them filtered.
 fn all_functions_view() -> FeatureView {
-    let cols = [("i", "int64"), ("f", "float64"), ("d", "decimal(12,3)"), ("s", "string"), ("b", "bool"), ("t", "timestamp")];
+    let cols = [
+        ("i", "int64"),
+        ("f", "float64"),
+        ("d", "decimal(12,3)"),
+        ("s", "string"),
+        ("b", "bool"),
+        ("t", "timestamp"),
+    ];
     let mut text = String::from(
         "name = \"all\"\nwindows = [\"5m\", \"1h\", \"1d\", \"30d\"]\n[source]\nname = \"events\"\nentity = \"user\"\nevent-time = \"ts\"\nevent-id = \"id\"\ncolumns = [\n  { name = \"id\", type = \"string\" },\n  { name = \"user\", type = \"string\" },\n",
     );
     for (c, t) in cols {
-        text.push_str(&format!("  {{ name = \"{c}\", type = \"{t}\", nullable = true }},\n"));
+        text.push_str(&format!(
+            "  {{ name = \"{c}\", type = \"{t}\", nullable = true }},\n"
+        ));
     }
     text.push_str("  { name = \"ts\", type = \"timestamp\" },\n]\n");
     text.push_str("[[aggregation]]\nname = \"rows\"\nfunction = \"count\"\n");
@@ -172,7 +229,9 @@ fn all_functions_view() -> FeatureView {
                 continue;
             }
             n += 1;
-            text.push_str(&format!("[[aggregation]]\nname = \"{f}_{c}\"\nfunction = \"{f}\"\ninput = \"{c}\"\n"));
+            text.push_str(&format!(
+                "[[aggregation]]\nname = \"{f}_{c}\"\nfunction = \"{f}\"\ninput = \"{c}\"\n"
+            ));
             if n % 2 == 0 {
                 text.push_str("filter = \"b OR i > 0 OR s IN ('a', 'b')\"\n");
             }
@@ -196,12 +255,36 @@ fn synthetic(view: &FeatureView, n: usize, start: i64, span: i64) -> RecordBatch
         let row = vec![
             Value::Str(format!("id{k}")),
             Value::Str(format!("user{}", rng.below(12))),
-            if null(&mut rng) { Value::Null } else { Value::Int(rng.below(2_000) as i64 - 1_000) },
-            if null(&mut rng) { Value::Null } else { Value::Float(rng.normal() * 1e3) },
-            if null(&mut rng) { Value::Null } else { Value::Decimal(rng.below(2_000_000) as i128 - 1_000_000) },
-            if null(&mut rng) { Value::Null } else { Value::Str(["a", "b", "c", "dd", ""][rng.below(5) as usize].into()) },
-            if null(&mut rng) { Value::Null } else { Value::Bool(rng.below(2) == 0) },
-            if null(&mut rng) { Value::Null } else { Value::Timestamp(rng.below(1 << 40) as i64) },
+            if null(&mut rng) {
+                Value::Null
+            } else {
+                Value::Int(rng.below(2_000) as i64 - 1_000)
+            },
+            if null(&mut rng) {
+                Value::Null
+            } else {
+                Value::Float(rng.normal() * 1e3)
+            },
+            if null(&mut rng) {
+                Value::Null
+            } else {
+                Value::Decimal(rng.below(2_000_000) as i128 - 1_000_000)
+            },
+            if null(&mut rng) {
+                Value::Null
+            } else {
+                Value::Str(["a", "b", "c", "dd", ""][rng.below(5) as usize].into())
+            },
+            if null(&mut rng) {
+                Value::Null
+            } else {
+                Value::Bool(rng.below(2) == 0)
+            },
+            if null(&mut rng) {
+                Value::Null
+            } else {
+                Value::Timestamp(rng.below(1 << 40) as i64)
+            },
             Value::Timestamp(start + rng.below(span as u64) as i64),
         ];
         b.push(&row);
@@ -227,14 +310,23 @@ async fn date_bin_agrees_with_tile_start() {
     let view = all_functions_view();
     let batch = synthetic(&view, 3_000, -5 * 86_400_000, 10 * 86_400_000); // spans 1970, negatives too
     let ctx = lambda_batch::session();
-    ctx.register_table("events", Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap())).unwrap();
+    ctx.register_table(
+        "events",
+        Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap()),
+    )
+    .unwrap();
     for width in [Span::minutes(5), Span::hours(1), Span::days(1)] {
-        let q = format!("SELECT \"ts\", {} AS tile FROM events", sql::tile_expr(&view, width));
+        let q = format!(
+            "SELECT \"ts\", {} AS tile FROM events",
+            sql::tile_expr(&view, width)
+        );
         let out = ctx.sql(&q).await.unwrap().collect().await.unwrap();
         let mut checked = 0;
         for b in &out {
             for r in rows_of(b) {
-                let (Value::Timestamp(ts), Value::Timestamp(tile)) = (&r[0], &r[1]) else { panic!("{r:?}") };
+                let (Value::Timestamp(ts), Value::Timestamp(tile)) = (&r[0], &r[1]) else {
+                    panic!("{r:?}")
+                };
                 assert_eq!(*tile, tile_start(*ts, width), "ts {ts} width {width}");
                 checked += 1;
             }

@@ -1,1 +1,97 @@
-fn main(){}
+//! Decode + aggregate throughput for the fraud view on one core.
+//!
+//! Run: `cargo bench -p lambda-core --bench decode_aggregate` (or `make bench`).
+//! Each iteration decodes 100 000 JSON events (the generator's format: string and number
+//! amounts, RFC 3339 and epoch-millisecond timestamps, NULL merchants) and applies them to the
+//! per-(entity, 5-minute tile) states of all 7 fraud aggregations, as the speed layer does.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::path::Path;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use lambda_core::agg::{AggState, empty_states, update_all};
+use lambda_core::time::tile_start;
+use lambda_core::{EventDecoder, FeatureView, Value};
+
+fn lines(n: usize) -> Vec<String> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..n)
+        .map(|i| {
+            let r = next();
+            let ts = 1_767_000_000_000i64 + i as i64 * 250;
+            let amount = if r % 4 == 0 { format!("{}.{:02}", r % 5000, r % 100) } else { format!("\"{}.{:02}\"", r % 5000, r % 100) };
+            let merchant = if r % 50 == 0 { "null".to_string() } else { format!("\"m{:05}\"", (r >> 8) % 5000) };
+            let kind = ["purchase", "purchase", "purchase", "view"][(r >> 20) as usize % 4];
+            let ts_text = if r % 10 == 0 { ts.to_string() } else { format!("\"{}\"", lambda_core::time::format_ts(ts)) };
+            format!(
+                "{{\"event_id\":\"e{i:012}\",\"user_id\":\"u{:07}\",\"merchant_id\":{merchant},\"product_id\":\"p{:06}\",\"event_type\":\"{kind}\",\"amount\":{amount},\"card_present\":true,\"ts\":{ts_text}}}",
+                (r >> 32) % 10_000,
+                (r >> 40) % 20_000
+            )
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let view = FeatureView::load(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fraud/features.toml"),
+    )
+    .expect("example view");
+    let aggs = view.aggs();
+    let dec = EventDecoder::new(&view.source);
+    let input = lines(100_000);
+    let (e, t, id) = (
+        view.source.entity,
+        view.source.event_time,
+        view.source.event_id,
+    );
+    let tile = view.speed.tile;
+
+    let mut g = c.benchmark_group("fraud_view");
+    g.throughput(Throughput::Elements(input.len() as u64));
+    g.sample_size(20);
+    g.bench_function("decode", |b| {
+        let mut row = Vec::new();
+        b.iter(|| {
+            for l in &input {
+                dec.decode_into(l.as_bytes(), &mut row).expect("valid");
+                black_box(&row);
+            }
+        })
+    });
+    g.bench_function("decode+aggregate", |b| {
+        let mut row = Vec::new();
+        b.iter(|| {
+            let mut tiles: HashMap<String, HashMap<i64, Vec<AggState>>> = HashMap::new();
+            for l in &input {
+                dec.decode_into(l.as_bytes(), &mut row).expect("valid");
+                let (Value::Str(entity), Value::Timestamp(ts), Value::Str(event_id)) =
+                    (&row[e], &row[t], &row[id])
+                else {
+                    unreachable!()
+                };
+                let key_tile = tile_start(*ts, tile);
+                let per_entity = match tiles.get_mut(entity.as_str()) {
+                    Some(m) => m,
+                    None => tiles.entry(entity.clone()).or_default(),
+                };
+                let states = per_entity
+                    .entry(key_tile)
+                    .or_insert_with(|| empty_states(&aggs));
+                update_all(&aggs, states, &row, *ts, event_id);
+            }
+            black_box(tiles.len())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

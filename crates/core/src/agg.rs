@@ -227,6 +227,58 @@ impl DistinctKey {
     }
 }
 
+/// The exact set of distinct non-NULL values of `count_distinct`, split by kind so that a string
+/// already present is found without allocating.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DistinctSet {
+    /// Int64, decimal (unscaled), timestamp, and float64 (canonical bits) values.
+    pub nums: HashSet<i128>,
+    /// String values.
+    pub strs: HashSet<Box<str>>,
+    /// Whether `false` / `true` were seen.
+    pub bools: [bool; 2],
+}
+
+impl DistinctSet {
+    /// Adds a value (NULL is ignored).
+    #[inline]
+    pub fn insert(&mut self, v: &Value) {
+        match v {
+            Value::Null => {}
+            Value::Str(s) => {
+                if !self.strs.contains(s.as_str()) {
+                    self.strs.insert(s.as_str().into());
+                }
+            }
+            Value::Bool(b) => self.bools[*b as usize] = true,
+            other => {
+                if let Some(DistinctKey::Num(n)) = DistinctKey::of(other) {
+                    self.nums.insert(n);
+                }
+            }
+        }
+    }
+    /// Union with `other`.
+    pub fn merge(&mut self, other: &DistinctSet) {
+        self.nums.extend(other.nums.iter().copied());
+        for s in &other.strs {
+            if !self.strs.contains(s) {
+                self.strs.insert(s.clone());
+            }
+        }
+        self.bools[0] |= other.bools[0];
+        self.bools[1] |= other.bools[1];
+    }
+    /// Number of distinct values.
+    pub fn len(&self) -> usize {
+        self.nums.len() + self.strs.len() + self.bools.iter().filter(|b| **b).count()
+    }
+    /// True when no value was added.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 fn canonical_float_bits(f: f64) -> i64 {
     if f.is_nan() {
         f64::NAN.to_bits() as i64
@@ -275,7 +327,7 @@ pub enum AggState {
         m2: f64,
     },
     /// Exact distinct set.
-    Distinct(HashSet<DistinctKey>),
+    Distinct(DistinctSet),
     /// Approximate distinct sketch.
     Sketch(Hll),
     /// `last_value`: (event time, event id, value) of the latest non-NULL value.
@@ -311,8 +363,12 @@ impl Aggregation {
                 _ => AggState::SumInt { sum: 0, n: 0 },
             },
             Min | Max => AggState::Extreme(None),
-            VarSamp | VarPop | StddevSamp | StddevPop => AggState::Moments { n: 0, mean: 0.0, m2: 0.0 },
-            CountDistinct => AggState::Distinct(HashSet::new()),
+            VarSamp | VarPop | StddevSamp | StddevPop => AggState::Moments {
+                n: 0,
+                mean: 0.0,
+                m2: 0.0,
+            },
+            CountDistinct => AggState::Distinct(DistinctSet::default()),
             ApproxCountDistinct => AggState::Sketch(Hll::default()),
             LastValue => AggState::Last(None),
         }
@@ -334,6 +390,12 @@ impl Aggregation {
         {
             return;
         }
+        self.apply(state, row, event_time, event_id);
+    }
+
+    /// [`Aggregation::update`] for a row already known to pass the filter.
+    #[inline]
+    pub fn apply(&self, state: &mut AggState, row: &[Value], event_time: i64, event_id: &str) {
         let v = match self.input {
             Some(i) => &row[i],
             None => {
@@ -385,11 +447,7 @@ impl Aggregation {
                     *m2 += d * (x - *mean);
                 }
             }
-            (AggState::Distinct(set), v) => {
-                if let Some(k) = DistinctKey::of(v) {
-                    set.insert(k);
-                }
-            }
+            (AggState::Distinct(set), v) => set.insert(v),
             (AggState::Sketch(h), v) => {
                 if let Some(hash) = DistinctKey::hash64(v) {
                     h.add_hash(hash);
@@ -441,7 +499,14 @@ impl Aggregation {
                 }
             }
             (AggState::Extreme(_), AggState::Extreme(None)) => {}
-            (AggState::Moments { n, mean, m2 }, AggState::Moments { n: nb, mean: mb, m2: m2b }) => {
+            (
+                AggState::Moments { n, mean, m2 },
+                AggState::Moments {
+                    n: nb,
+                    mean: mb,
+                    m2: m2b,
+                },
+            ) => {
                 if *nb == 0 {
                     return;
                 }
@@ -457,9 +522,7 @@ impl Aggregation {
                 *m2 += m2b + delta * delta * na * nbf / total;
                 *n += nb;
             }
-            (AggState::Distinct(a), AggState::Distinct(b)) => {
-                a.extend(b.iter().cloned());
-            }
+            (AggState::Distinct(a), AggState::Distinct(b)) => a.merge(b),
             (AggState::Sketch(a), AggState::Sketch(b)) => a.merge(b),
             (AggState::Last(a), AggState::Last(Some(b))) => {
                 let newer = match a {
@@ -485,10 +548,15 @@ impl Aggregation {
         use AggFunction::*;
         Ok(match (self.function, state) {
             (Count, AggState::Count(n)) => Value::Int(i64::try_from(*n).map_err(|_| overflow())?),
-            (_, AggState::SumInt { n: 0, .. } | AggState::SumFloat { n: 0, .. } | AggState::SumDecimal { n: 0, .. }) => {
-                Value::Null
+            (
+                _,
+                AggState::SumInt { n: 0, .. }
+                | AggState::SumFloat { n: 0, .. }
+                | AggState::SumDecimal { n: 0, .. },
+            ) => Value::Null,
+            (Sum, AggState::SumInt { sum, .. }) => {
+                Value::Int(i64::try_from(*sum).map_err(|_| overflow())?)
             }
-            (Sum, AggState::SumInt { sum, .. }) => Value::Int(i64::try_from(*sum).map_err(|_| overflow())?),
             (Sum, AggState::SumFloat { sum, .. }) => Value::Float(*sum),
             (Sum, AggState::SumDecimal { sum, .. }) => {
                 let ColumnType::Decimal { precision, .. } = self.output_type else {
@@ -502,7 +570,11 @@ impl Aggregation {
             (Avg, AggState::SumInt { sum, n }) => Value::Float(*sum as f64 / *n as f64),
             (Avg, AggState::SumFloat { sum, n }) => Value::Float(*sum / *n as f64),
             (Avg, AggState::SumDecimal { sum, n }) => {
-                let ColumnType::Decimal { precision, scale: out_scale } = self.output_type else {
+                let ColumnType::Decimal {
+                    precision,
+                    scale: out_scale,
+                } = self.output_type
+                else {
                     return Err(overflow());
                 };
                 let mul = pow10(out_scale - self.scale());
@@ -527,11 +599,17 @@ impl Aggregation {
                     }
                     m2 / *n as f64
                 };
-                Value::Float(if matches!(f, StddevSamp | StddevPop) { var.sqrt() } else { var })
+                Value::Float(if matches!(f, StddevSamp | StddevPop) {
+                    var.sqrt()
+                } else {
+                    var
+                })
             }
             (CountDistinct, AggState::Distinct(s)) => Value::Int(s.len() as i64),
             (ApproxCountDistinct, AggState::Sketch(h)) => Value::Int(h.estimate() as i64),
-            (LastValue, AggState::Last(v)) => v.as_ref().map(|(_, _, v)| v.clone()).unwrap_or(Value::Null),
+            (LastValue, AggState::Last(v)) => {
+                v.as_ref().map(|(_, _, v)| v.clone()).unwrap_or(Value::Null)
+            }
             _ => return Err(overflow()),
         })
     }
@@ -570,23 +648,23 @@ impl Aggregation {
             }
             AggState::Distinct(set) => {
                 w.u8(b's');
-                let mut keys: Vec<&DistinctKey> = set.iter().collect();
-                keys.sort_unstable();
-                w.u64(keys.len() as u64);
-                for k in keys {
-                    match k {
-                        DistinctKey::Num(i) => {
-                            w.u8(0);
-                            w.i128(*i)
-                        }
-                        DistinctKey::Str(s) => {
-                            w.u8(1);
-                            w.bytes(s.as_bytes())
-                        }
-                        DistinctKey::Bool(b) => {
-                            w.u8(2);
-                            w.u8(*b as u8)
-                        }
+                w.u64(set.len() as u64);
+                let mut nums: Vec<&i128> = set.nums.iter().collect();
+                nums.sort_unstable();
+                for i in nums {
+                    w.u8(0);
+                    w.i128(*i);
+                }
+                let mut strs: Vec<&Box<str>> = set.strs.iter().collect();
+                strs.sort_unstable();
+                for s in strs {
+                    w.u8(1);
+                    w.bytes(s.as_bytes());
+                }
+                for (b, present) in [(false, set.bools[0]), (true, set.bools[1])] {
+                    if present {
+                        w.u8(2);
+                        w.u8(b as u8);
                     }
                 }
             }
@@ -626,21 +704,43 @@ impl Aggregation {
         let read = |r: &mut Reader<'_>| -> Result<AggState, CodecError> {
             Ok(match tag {
                 b'c' => AggState::Count(r.u64()?),
-                b'i' => AggState::SumInt { sum: r.i128()?, n: r.u64()? },
-                b'f' => AggState::SumFloat { sum: r.f64()?, n: r.u64()? },
-                b'd' => AggState::SumDecimal { sum: r.i128()?, n: r.u64()? },
+                b'i' => AggState::SumInt {
+                    sum: r.i128()?,
+                    n: r.u64()?,
+                },
+                b'f' => AggState::SumFloat {
+                    sum: r.f64()?,
+                    n: r.u64()?,
+                },
+                b'd' => AggState::SumDecimal {
+                    sum: r.i128()?,
+                    n: r.u64()?,
+                },
                 b'x' => AggState::Extreme(decode_opt_value(r, self.input_type)?),
-                b'm' => AggState::Moments { n: r.u64()?, mean: r.f64()?, m2: r.f64()? },
+                b'm' => AggState::Moments {
+                    n: r.u64()?,
+                    mean: r.f64()?,
+                    m2: r.f64()?,
+                },
                 b's' => {
                     let n = r.u64()? as usize;
-                    let mut set = HashSet::with_capacity(n.min(1 << 16));
+                    let mut set = DistinctSet::default();
                     for _ in 0..n {
-                        set.insert(match r.u8()? {
-                            0 => DistinctKey::Num(r.i128()?),
-                            1 => DistinctKey::Str(r.str()?.into()),
-                            2 => DistinctKey::Bool(r.u8()? != 0),
+                        match r.u8()? {
+                            0 => {
+                                set.nums.insert(r.i128()?);
+                            }
+                            1 => {
+                                set.strs.insert(r.str()?.into());
+                            }
+                            2 => set.bools[(r.u8()? != 0) as usize] = true,
                             t => return Err(CodecError::Corrupt(format!("distinct key tag {t}"))),
-                        });
+                        }
+                    }
+                    if set.len() != n {
+                        return Err(CodecError::Corrupt(
+                            "repeated value in a distinct set".into(),
+                        ));
                     }
                     AggState::Distinct(set)
                 }
@@ -650,8 +750,9 @@ impl Aggregation {
                     _ => {
                         let t = r.i64()?;
                         let id = r.str()?.to_string();
-                        let v = decode_opt_value(r, self.input_type)?
-                            .ok_or_else(|| CodecError::Corrupt("last_value without a value".into()))?;
+                        let v = decode_opt_value(r, self.input_type)?.ok_or_else(|| {
+                            CodecError::Corrupt("last_value without a value".into())
+                        })?;
                         AggState::Last(Some((t, id, v)))
                     }
                 },
@@ -706,7 +807,10 @@ fn encode_opt_value(v: Option<&Value>, w: &mut Writer) {
     }
 }
 
-fn decode_opt_value(r: &mut Reader<'_>, ty: Option<ColumnType>) -> Result<Option<Value>, CodecError> {
+fn decode_opt_value(
+    r: &mut Reader<'_>,
+    ty: Option<ColumnType>,
+) -> Result<Option<Value>, CodecError> {
     let v = match r.u8()? {
         0 => return Ok(None),
         1 => Value::Str(r.str()?.to_string()),
@@ -727,7 +831,9 @@ fn decode_opt_value(r: &mut Reader<'_>, ty: Option<ColumnType>) -> Result<Option
             | (Value::Timestamp(_), Some(ColumnType::Timestamp))
     );
     if !fits {
-        return Err(CodecError::Corrupt("stored value has another type than the column".into()));
+        return Err(CodecError::Corrupt(
+            "stored value has another type than the column".into(),
+        ));
     }
     Ok(Some(v))
 }
@@ -753,9 +859,14 @@ pub fn decode_states(aggs: &[Aggregation], bytes: &[u8]) -> Result<Vec<AggState>
     if v != STATE_FORMAT_VERSION {
         return Err(err(CodecError::UnknownVersion(v, STATE_FORMAT_VERSION)));
     }
-    let states = aggs.iter().map(|a| a.decode(&mut r)).collect::<Result<Vec<_>, _>>()?;
+    let states = aggs
+        .iter()
+        .map(|a| a.decode(&mut r))
+        .collect::<Result<Vec<_>, _>>()?;
     if !r.is_empty() {
-        return Err(err(CodecError::Corrupt("trailing bytes after the last state".into())));
+        return Err(err(CodecError::Corrupt(
+            "trailing bytes after the last state".into(),
+        )));
     }
     Ok(states)
 }
@@ -765,11 +876,32 @@ pub fn empty_states(aggs: &[Aggregation]) -> Vec<AggState> {
     aggs.iter().map(Aggregation::empty).collect()
 }
 
-/// Applies one row to every aggregation's state.
+/// Applies one row to every aggregation's state. A filter shared by consecutive aggregations
+/// (the common case: one filter for a whole view) is evaluated once.
 #[inline]
-pub fn update_all(aggs: &[Aggregation], states: &mut [AggState], row: &[Value], event_time: i64, event_id: &str) {
+pub fn update_all(
+    aggs: &[Aggregation],
+    states: &mut [AggState],
+    row: &[Value],
+    event_time: i64,
+    event_id: &str,
+) {
+    let mut last: Option<(&Filter, bool)> = None;
     for (a, s) in aggs.iter().zip(states.iter_mut()) {
-        a.update(s, row, event_time, event_id);
+        let pass = match &a.filter {
+            None => true,
+            Some(f) => match last {
+                Some((lf, r)) if std::ptr::eq(lf, f) || lf == f => r,
+                _ => {
+                    let r = f.passes(row);
+                    last = Some((f, r));
+                    r
+                }
+            },
+        };
+        if pass {
+            a.apply(s, row, event_time, event_id);
+        }
     }
 }
 

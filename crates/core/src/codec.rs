@@ -147,7 +147,9 @@ impl<'a> Reader<'a> {
         let end = self.pos + 8;
         let s = self.buf.get(self.pos..end).ok_or(CodecError::Truncated)?;
         self.pos = end;
-        Ok(f64::from_le_bytes(s.try_into().map_err(|_| CodecError::Truncated)?))
+        Ok(f64::from_le_bytes(
+            s.try_into().map_err(|_| CodecError::Truncated)?,
+        ))
     }
     /// Length-prefixed bytes.
     pub fn bytes(&mut self) -> Result<&'a [u8], CodecError> {

@@ -163,7 +163,9 @@ impl<'de> Visitor<'de> for RecordSeed<'_> {
             };
             let field = &self.dec.names[i];
             if std::mem::replace(&mut self.seen[i], true) {
-                *self.failure = Some(DecodeError::Duplicate { field: field.clone() });
+                *self.failure = Some(DecodeError::Duplicate {
+                    field: field.clone(),
+                });
                 return Err(de::Error::custom("duplicate field"));
             }
             let ty = self.dec.types[i];
@@ -284,10 +286,11 @@ fn convert(raw: &str, ty: ColumnType) -> Result<Value, Bad> {
         ColumnType::Timestamp if is_str => crate::time::parse_rfc3339_ms(&unquote()?)
             .map(Value::Timestamp)
             .map_err(Bad::Value),
-        ColumnType::Timestamp if is_num => raw
-            .parse::<i64>()
-            .map(Value::Timestamp)
-            .map_err(|_| Bad::Value(format!("`{raw}` is not an integer number of epoch milliseconds"))),
+        ColumnType::Timestamp if is_num => raw.parse::<i64>().map(Value::Timestamp).map_err(|_| {
+            Bad::Value(format!(
+                "`{raw}` is not an integer number of epoch milliseconds"
+            ))
+        }),
         _ => Err(Bad::Type(describe(raw))),
     }
 }
@@ -330,12 +333,20 @@ impl BatchBuilder {
                 ColumnType::String => ColBuilder::Str(StringBuilder::new()),
                 ColumnType::Int64 => ColBuilder::Int(Int64Builder::new()),
                 ColumnType::Float64 => ColBuilder::Float(Float64Builder::new()),
-                ColumnType::Decimal { .. } => ColBuilder::Dec(Decimal128Builder::new().with_data_type(c.ty.arrow_type())),
+                ColumnType::Decimal { .. } => {
+                    ColBuilder::Dec(Decimal128Builder::new().with_data_type(c.ty.arrow_type()))
+                }
                 ColumnType::Bool => ColBuilder::Bool(BooleanBuilder::new()),
-                ColumnType::Timestamp => ColBuilder::Ts(TimestampMillisecondBuilder::new().with_timezone("UTC")),
+                ColumnType::Timestamp => {
+                    ColBuilder::Ts(TimestampMillisecondBuilder::new().with_timezone("UTC"))
+                }
             })
             .collect();
-        BatchBuilder { schema, cols, len: 0 }
+        BatchBuilder {
+            schema,
+            cols,
+            len: 0,
+        }
     }
 
     /// Rows appended since the last [`BatchBuilder::finish`].
@@ -403,7 +414,10 @@ pub struct BadRecord {
 }
 
 /// Decodes JSON lines into one batch plus the records that failed (blank lines are skipped).
-pub fn decode_lines(source: &Source, text: &[u8]) -> Result<(RecordBatch, Vec<BadRecord>), ArrowError> {
+pub fn decode_lines(
+    source: &Source,
+    text: &[u8],
+) -> Result<(RecordBatch, Vec<BadRecord>), ArrowError> {
     let dec = EventDecoder::new(source);
     let mut builder = BatchBuilder::new(source);
     let mut bad = Vec::new();
@@ -448,8 +462,14 @@ pub fn value_at(array: &dyn arrow_array::Array, i: usize) -> Result<Value, Strin
         D::Timestamp(unit, _) => Value::Timestamp(match unit {
             TimeUnit::Second => array.as_primitive::<TimestampSecondType>().value(i) * 1000,
             TimeUnit::Millisecond => array.as_primitive::<TimestampMillisecondType>().value(i),
-            TimeUnit::Microsecond => array.as_primitive::<TimestampMicrosecondType>().value(i).div_euclid(1000),
-            TimeUnit::Nanosecond => array.as_primitive::<TimestampNanosecondType>().value(i).div_euclid(1_000_000),
+            TimeUnit::Microsecond => array
+                .as_primitive::<TimestampMicrosecondType>()
+                .value(i)
+                .div_euclid(1000),
+            TimeUnit::Nanosecond => array
+                .as_primitive::<TimestampNanosecondType>()
+                .value(i)
+                .div_euclid(1_000_000),
         }),
         other => return Err(format!("unsupported Arrow type {other}")),
     })

@@ -105,10 +105,17 @@ impl Filter {
     /// Parses and type-checks `text` against `columns`. The error says what is wrong and where.
     pub fn parse(text: &str, columns: Columns<'_>) -> Result<Filter, String> {
         let tokens = lex(text)?;
-        let mut p = Parser { tokens, pos: 0, columns };
+        let mut p = Parser {
+            tokens,
+            pos: 0,
+            columns,
+        };
         let f = p.expr()?;
         if p.pos < p.tokens.len() {
-            return Err(format!("unexpected {} after the end of the expression", p.tokens[p.pos].describe()));
+            return Err(format!(
+                "unexpected {} after the end of the expression",
+                p.tokens[p.pos].describe()
+            ));
         }
         Ok(f)
     }
@@ -120,18 +127,28 @@ impl Filter {
                 Value::Bool(b) => Some(*b),
                 _ => None,
             },
-            Filter::Compare { column, op, literal } => {
+            Filter::Compare {
+                column,
+                op,
+                literal,
+            } => {
                 let v = &row[*column];
                 if v.is_null() {
                     None
                 } else if let (Value::Float(a), Value::Float(b)) = (v, literal) {
                     // SQL float comparison: NaN compares unequal (partial_cmp); keep IEEE semantics.
-                    a.partial_cmp(b).map(|o| op.test(o)).or(Some(*op == CmpOp::NotEq))
+                    a.partial_cmp(b)
+                        .map(|o| op.test(o))
+                        .or(Some(*op == CmpOp::NotEq))
                 } else {
                     Some(op.test(v.total_cmp(literal)))
                 }
             }
-            Filter::InList { column, list, negated } => {
+            Filter::InList {
+                column,
+                list,
+                negated,
+            } => {
                 let v = &row[*column];
                 if v.is_null() {
                     return None;
@@ -165,17 +182,32 @@ impl Filter {
         let lit = |c: &usize, v: &Value| sql_literal(v, columns[*c].1);
         match self {
             Filter::Column(c) => col(c),
-            Filter::Compare { column, op, literal } => {
+            Filter::Compare {
+                column,
+                op,
+                literal,
+            } => {
                 format!("{} {} {}", col(column), op.sql(), lit(column, literal))
             }
-            Filter::InList { column, list, negated } => format!(
+            Filter::InList {
+                column,
+                list,
+                negated,
+            } => format!(
                 "{} {}IN ({})",
                 col(column),
                 if *negated { "NOT " } else { "" },
-                list.iter().map(|v| lit(column, v)).collect::<Vec<_>>().join(", ")
+                list.iter()
+                    .map(|v| lit(column, v))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             Filter::IsNull { column, negated } => {
-                format!("{} IS {}NULL", col(column), if *negated { "NOT " } else { "" })
+                format!(
+                    "{} IS {}NULL",
+                    col(column),
+                    if *negated { "NOT " } else { "" }
+                )
             }
             Filter::And(a, b) => format!("({} AND {})", a.to_sql(columns), b.to_sql(columns)),
             Filter::Or(a, b) => format!("({} OR {})", a.to_sql(columns), b.to_sql(columns)),
@@ -197,7 +229,10 @@ pub fn sql_literal(v: &Value, ty: ColumnType) -> String {
         (Value::Int(i), _) => i.to_string(),
         (Value::Float(f), _) => format!("{f:?}"),
         (Value::Decimal(d), ColumnType::Decimal { precision, scale }) => {
-            format!("CAST('{}' AS DECIMAL({precision}, {scale}))", format_decimal(*d, scale))
+            format!(
+                "CAST('{}' AS DECIMAL({precision}, {scale}))",
+                format_decimal(*d, scale)
+            )
         }
         (Value::Decimal(d), _) => d.to_string(),
         (Value::Bool(b), _) => b.to_string(),
@@ -258,7 +293,9 @@ fn lex(text: &str) -> Result<Vec<Tok>, String> {
                 i += 1;
                 loop {
                     match b.get(i) {
-                        None => return Err(format!("unterminated string starting at offset {}", i)),
+                        None => {
+                            return Err(format!("unterminated string starting at offset {}", i));
+                        }
                         Some(b'\'') if b.get(i + 1) == Some(&b'\'') => {
                             s.push('\'');
                             i += 2
@@ -301,7 +338,11 @@ fn lex(text: &str) -> Result<Vec<Tok>, String> {
                 i += n
             }
             b'>' => {
-                let (op, n) = if b.get(i + 1) == Some(&b'=') { (">=", 2) } else { (">", 1) };
+                let (op, n) = if b.get(i + 1) == Some(&b'=') {
+                    (">=", 2)
+                } else {
+                    (">", 1)
+                };
                 out.push(Tok::Op(op));
                 i += n
             }
@@ -399,13 +440,20 @@ impl Parser<'_> {
                     .ok_or_else(|| {
                         format!(
                             "unknown column `{name}` (the source has: {})",
-                            self.columns.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                            self.columns
+                                .iter()
+                                .map(|(n, _)| n.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         )
                     })?;
                 let ty = self.columns[column].1;
                 self.predicate(column, &name, ty)
             }
-            Some(t) => Err(format!("expected a column name or `(` but found {}", t.describe())),
+            Some(t) => Err(format!(
+                "expected a column name or `(` but found {}",
+                t.describe()
+            )),
             None => Err("the expression is empty or ends too early".into()),
         }
     }
@@ -438,7 +486,11 @@ impl Parser<'_> {
                     _ => return Err(format!("expected `,` or `)` in the IN list of `{name}`")),
                 }
             }
-            return Ok(Filter::InList { column, list, negated: negated_in });
+            return Ok(Filter::InList {
+                column,
+                list,
+                negated: negated_in,
+            });
         }
         match self.peek() {
             Some(Tok::Op(op)) => {
@@ -453,20 +505,36 @@ impl Parser<'_> {
                 self.pos += 1;
                 let literal = self.literal(name, ty)?;
                 if matches!(ty, ColumnType::Bool) && !matches!(op, CmpOp::Eq | CmpOp::NotEq) {
-                    return Err(format!("bool column `{name}` can only be compared with = or <>"));
+                    return Err(format!(
+                        "bool column `{name}` can only be compared with = or <>"
+                    ));
                 }
-                Ok(Filter::Compare { column, op, literal })
+                Ok(Filter::Compare {
+                    column,
+                    op,
+                    literal,
+                })
             }
             _ if ty == ColumnType::Bool => Ok(Filter::Column(column)),
-            Some(t) => Err(format!("expected an operator after `{name}` but found {}", t.describe())),
+            Some(t) => Err(format!(
+                "expected an operator after `{name}` but found {}",
+                t.describe()
+            )),
             None => Err(format!(
                 "`{name}` is a {ty} column, not bool: compare it with a value (e.g. `{name} = …`)"
             )),
         }
     }
     fn literal(&mut self, name: &str, ty: ColumnType) -> Result<Value, String> {
-        let tok = self.next().ok_or_else(|| format!("expected a value to compare `{name}` with"))?;
-        let mismatch = |t: &Tok| format!("`{name}` is a {ty} column but is compared with {}", t.describe());
+        let tok = self
+            .next()
+            .ok_or_else(|| format!("expected a value to compare `{name}` with"))?;
+        let mismatch = |t: &Tok| {
+            format!(
+                "`{name}` is a {ty} column but is compared with {}",
+                t.describe()
+            )
+        };
         match (&tok, ty) {
             (Tok::Ident(k), _) if k.eq_ignore_ascii_case("null") => Err(format!(
                 "comparing `{name}` with NULL is never true; use `{name} IS NULL`"
@@ -484,10 +552,16 @@ impl Parser<'_> {
                 .map(Value::Float)
                 .map_err(|_| format!("`{name}`: `{n}` is not a number")),
             (Tok::Num(n), ColumnType::Decimal { precision, scale }) => {
-                parse_decimal(n, precision, scale).map(Value::Decimal).map_err(|e| format!("`{name}`: {e}"))
+                parse_decimal(n, precision, scale)
+                    .map(Value::Decimal)
+                    .map_err(|e| format!("`{name}`: {e}"))
             }
-            (Tok::Ident(k), ColumnType::Bool) if k.eq_ignore_ascii_case("true") => Ok(Value::Bool(true)),
-            (Tok::Ident(k), ColumnType::Bool) if k.eq_ignore_ascii_case("false") => Ok(Value::Bool(false)),
+            (Tok::Ident(k), ColumnType::Bool) if k.eq_ignore_ascii_case("true") => {
+                Ok(Value::Bool(true))
+            }
+            (Tok::Ident(k), ColumnType::Bool) if k.eq_ignore_ascii_case("false") => {
+                Ok(Value::Bool(false))
+            }
             (t, _) => Err(mismatch(t)),
         }
     }
@@ -506,7 +580,13 @@ mod tests {
     fn cols() -> Vec<(String, ColumnType)> {
         vec![
             ("event_type".into(), ColumnType::String),
-            ("amount".into(), ColumnType::Decimal { precision: 10, scale: 2 }),
+            (
+                "amount".into(),
+                ColumnType::Decimal {
+                    precision: 10,
+                    scale: 2,
+                },
+            ),
             ("n".into(), ColumnType::Int64),
             ("card_present".into(), ColumnType::Bool),
         ]

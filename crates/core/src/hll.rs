@@ -152,8 +152,11 @@ impl Hll {
                 let mut v = Vec::with_capacity(n);
                 let mut prev = 0u32;
                 for _ in 0..n {
-                    let d = u32::try_from(r.u64()?).map_err(|_| CodecError::Corrupt("HLL entry".into()))?;
-                    prev = prev.checked_add(d).ok_or_else(|| CodecError::Corrupt("HLL entry".into()))?;
+                    let d = u32::try_from(r.u64()?)
+                        .map_err(|_| CodecError::Corrupt("HLL entry".into()))?;
+                    prev = prev
+                        .checked_add(d)
+                        .ok_or_else(|| CodecError::Corrupt("HLL entry".into()))?;
                     if (prev >> 8) as usize >= M || (prev & 0xff) > Q + 1 {
                         return Err(CodecError::Corrupt("HLL register out of range".into()));
                     }

@@ -181,7 +181,10 @@ pub struct Source {
 impl Source {
     /// (name, type) pairs, the form filters are checked against.
     pub fn name_types(&self) -> Vec<(String, ColumnType)> {
-        self.columns.iter().map(|c| (c.name.clone(), c.ty)).collect()
+        self.columns
+            .iter()
+            .map(|c| (c.name.clone(), c.ty))
+            .collect()
     }
     /// Index of a column by name.
     pub fn column_index(&self, name: &str) -> Option<usize> {
@@ -276,7 +279,10 @@ impl FeatureView {
 
     /// The plain aggregations, in order (the unit states are kept for).
     pub fn aggs(&self) -> Vec<Aggregation> {
-        self.aggregations.iter().map(|a| a.aggregation.clone()).collect()
+        self.aggregations
+            .iter()
+            .map(|a| a.aggregation.clone())
+            .collect()
     }
 
     /// Every served feature, in definition order (aggregation, then window ascending).
@@ -322,24 +328,37 @@ fn validate(raw: RawView, file: &Path) -> Result<FeatureView, SpecError> {
         message,
     };
     if !is_identifier(&raw.name) {
-        return Err(err("name", format!("`{}` must be lower_snake_case (a-z, 0-9, _)", raw.name)));
+        return Err(err(
+            "name",
+            format!("`{}` must be lower_snake_case (a-z, 0-9, _)", raw.name),
+        ));
     }
 
     // Source schema.
     let src = raw.source;
     if src.columns.is_empty() {
-        return Err(err("source.columns", "the source needs at least one column".into()));
+        return Err(err(
+            "source.columns",
+            "the source needs at least one column".into(),
+        ));
     }
     let mut columns = Vec::with_capacity(src.columns.len());
     let mut seen = HashSet::new();
     for (i, c) in src.columns.iter().enumerate() {
         if c.name.is_empty() {
-            return Err(err(&format!("source.columns[{i}].name"), "column name is empty".into()));
+            return Err(err(
+                &format!("source.columns[{i}].name"),
+                "column name is empty".into(),
+            ));
         }
         if !seen.insert(c.name.as_str()) {
-            return Err(err(&format!("source.columns[{i}].name"), format!("duplicate column `{}`", c.name)));
+            return Err(err(
+                &format!("source.columns[{i}].name"),
+                format!("duplicate column `{}`", c.name),
+            ));
         }
-        let ty = ColumnType::parse(&c.ty).map_err(|m| err(&format!("source.columns[{i}].type"), m))?;
+        let ty =
+            ColumnType::parse(&c.ty).map_err(|m| err(&format!("source.columns[{i}].type"), m))?;
         columns.push(Column {
             name: c.name.clone(),
             ty,
@@ -352,7 +371,11 @@ fn validate(raw: RawView, file: &Path) -> Result<FeatureView, SpecError> {
                 field,
                 format!(
                     "unknown column `{name}` (the source has: {})",
-                    columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+                    columns
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             )
         })
@@ -364,19 +387,28 @@ fn validate(raw: RawView, file: &Path) -> Result<FeatureView, SpecError> {
     if !matches!(col(entity).ty, ColumnType::String | ColumnType::Int64) || col(entity).nullable {
         return Err(err(
             "source.entity",
-            format!("entity column `{}` must be a non-nullable string or int64", src.entity),
+            format!(
+                "entity column `{}` must be a non-nullable string or int64",
+                src.entity
+            ),
         ));
     }
     if col(event_time).ty != ColumnType::Timestamp || col(event_time).nullable {
         return Err(err(
             "source.event-time",
-            format!("event-time column `{}` must be a non-nullable timestamp", src.event_time),
+            format!(
+                "event-time column `{}` must be a non-nullable timestamp",
+                src.event_time
+            ),
         ));
     }
     if col(event_id).ty != ColumnType::String || col(event_id).nullable {
         return Err(err(
             "source.event-id",
-            format!("event-id column `{}` must be a non-nullable string", src.event_id),
+            format!(
+                "event-id column `{}` must be a non-nullable string",
+                src.event_id
+            ),
         ));
     }
     let source = Source {
@@ -387,7 +419,10 @@ fn validate(raw: RawView, file: &Path) -> Result<FeatureView, SpecError> {
         event_id,
     };
     if !is_identifier(&source.name) {
-        return Err(err("source.name", format!("`{}` must be lower_snake_case", source.name)));
+        return Err(err(
+            "source.name",
+            format!("`{}` must be lower_snake_case", source.name),
+        ));
     }
 
     // Speed settings first: windows are checked against the tile.
@@ -399,16 +434,30 @@ fn validate(raw: RawView, file: &Path) -> Result<FeatureView, SpecError> {
     };
     let speed = SpeedSettings {
         tile: span("speed.tile", &raw.speed.tile, Span::minutes(5))?,
-        out_of_orderness: span("speed.out-of-orderness", &raw.speed.out_of_orderness, Span::from_millis(30_000))?,
-        allowed_lateness: span("speed.allowed-lateness", &raw.speed.allowed_lateness, Span::hours(1))?,
+        out_of_orderness: span(
+            "speed.out-of-orderness",
+            &raw.speed.out_of_orderness,
+            Span::from_millis(30_000),
+        )?,
+        allowed_lateness: span(
+            "speed.allowed-lateness",
+            &raw.speed.allowed_lateness,
+            Span::hours(1),
+        )?,
     };
     if speed.tile.millis() <= 0 || !Span::days(1).is_multiple_of(speed.tile) {
-        return Err(err("speed.tile", format!("tile `{}` must be positive and divide one day", speed.tile)));
+        return Err(err(
+            "speed.tile",
+            format!("tile `{}` must be positive and divide one day", speed.tile),
+        ));
     }
 
     // Aggregations.
     if raw.aggregations.is_empty() {
-        return Err(err("aggregation", "the view needs at least one [[aggregation]]".into()));
+        return Err(err(
+            "aggregation",
+            "the view needs at least one [[aggregation]]".into(),
+        ));
     }
     let name_types = source.name_types();
     let mut aggregations = Vec::new();
@@ -416,10 +465,16 @@ fn validate(raw: RawView, file: &Path) -> Result<FeatureView, SpecError> {
     for (i, a) in raw.aggregations.iter().enumerate() {
         let f = |name: &str| format!("aggregation[{i}].{name}");
         if !is_identifier(&a.name) {
-            return Err(err(&f("name"), format!("`{}` must be lower_snake_case", a.name)));
+            return Err(err(
+                &f("name"),
+                format!("`{}` must be lower_snake_case", a.name),
+            ));
         }
         if !agg_names.insert(a.name.as_str()) {
-            return Err(err(&f("name"), format!("duplicate aggregation name `{}`", a.name)));
+            return Err(err(
+                &f("name"),
+                format!("duplicate aggregation name `{}`", a.name),
+            ));
         }
         let function = AggFunction::parse(&a.function).map_err(|m| err(&f("function"), m))?;
         let input = match &a.input {
@@ -428,7 +483,11 @@ fn validate(raw: RawView, file: &Path) -> Result<FeatureView, SpecError> {
         };
         let input_type = input.map(|i| source.columns[i].ty);
         let output_type = function.output_type(input_type).map_err(|m| {
-            let field = if input.is_some() { f("function") } else { f("input") };
+            let field = if input.is_some() {
+                f("function")
+            } else {
+                f("input")
+            };
             err(&field, m)
         })?;
         let filter = match &a.filter {
@@ -439,7 +498,10 @@ fn validate(raw: RawView, file: &Path) -> Result<FeatureView, SpecError> {
             (Some(w), _) => (w, f("windows")),
             (None, Some(w)) => (w, "windows".to_string()),
             (None, None) => {
-                return Err(err(&f("windows"), "no windows: set `windows` here or at the top level".into()));
+                return Err(err(
+                    &f("windows"),
+                    "no windows: set `windows` here or at the top level".into(),
+                ));
             }
         };
         let (texts, wfield) = window_texts;
@@ -454,12 +516,22 @@ fn validate(raw: RawView, file: &Path) -> Result<FeatureView, SpecError> {
                 return Err(err(&wf, "a window must be longer than zero".into()));
             }
             if !span.is_multiple_of(speed.tile) {
-                return Err(err(&wf, format!("window {span} is not a multiple of the tile ({})", speed.tile)));
+                return Err(err(
+                    &wf,
+                    format!(
+                        "window {span} is not a multiple of the tile ({})",
+                        speed.tile
+                    ),
+                ));
             }
             if !hop(span).is_multiple_of(speed.tile) {
                 return Err(err(
                     &wf,
-                    format!("window {span} is served in hops of {}, which the tile ({}) does not divide", hop(span), speed.tile),
+                    format!(
+                        "window {span} is served in hops of {}, which the tile ({}) does not divide",
+                        hop(span),
+                        speed.tile
+                    ),
                 ));
             }
             if windows.contains(&span) {
@@ -482,13 +554,26 @@ fn validate(raw: RawView, file: &Path) -> Result<FeatureView, SpecError> {
     }
 
     // Batch settings.
-    let history = raw.batch.history.unwrap_or_else(|| format!("file://data/history/{}", source.name));
+    let history = raw
+        .batch
+        .history
+        .unwrap_or_else(|| format!("file://data/history/{}", source.name));
     if !(history.starts_with("file://") || history.starts_with("s3://")) {
-        return Err(err("batch.history", format!("`{history}` must be a file:// or s3:// URL")));
+        return Err(err(
+            "batch.history",
+            format!("`{history}` must be a file:// or s3:// URL"),
+        ));
     }
-    let cutoff_offset = span("batch.cutoff-offset", &raw.batch.cutoff_offset, Span::from_millis(0))?;
+    let cutoff_offset = span(
+        "batch.cutoff-offset",
+        &raw.batch.cutoff_offset,
+        Span::from_millis(0),
+    )?;
     if cutoff_offset >= Span::days(1) {
-        return Err(err("batch.cutoff-offset", format!("{cutoff_offset} must be less than one day")));
+        return Err(err(
+            "batch.cutoff-offset",
+            format!("{cutoff_offset} must be less than one day"),
+        ));
     }
 
     let view = FeatureView {
@@ -504,12 +589,23 @@ fn validate(raw: RawView, file: &Path) -> Result<FeatureView, SpecError> {
         },
     };
     let mut names = HashSet::new();
-    let cols: HashSet<&str> = view.source.columns.iter().map(|c| c.name.as_str()).collect();
+    let cols: HashSet<&str> = view
+        .source
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
     for feat in view.features() {
-        if !names.insert(feat.name.clone()) || cols.contains(feat.name.as_str()) || feat.name == "entity" {
+        if !names.insert(feat.name.clone())
+            || cols.contains(feat.name.as_str())
+            || feat.name == "entity"
+        {
             return Err(err(
                 &format!("aggregation[{}].name", feat.aggregation),
-                format!("feature name `{}` clashes with another feature or column", feat.name),
+                format!(
+                    "feature name `{}` clashes with another feature or column",
+                    feat.name
+                ),
             ));
         }
     }

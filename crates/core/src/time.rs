@@ -65,7 +65,13 @@ impl fmt::Display for Span {
             return f.write_str("0s");
         }
         let mut rest = self.0;
-        for (unit, ms) in [("d", DAY_MS), ("h", HOUR_MS), ("m", MINUTE_MS), ("s", SECOND_MS), ("ms", 1)] {
+        for (unit, ms) in [
+            ("d", DAY_MS),
+            ("h", HOUR_MS),
+            ("m", MINUTE_MS),
+            ("s", SECOND_MS),
+            ("ms", 1),
+        ] {
             if rest >= ms {
                 write!(f, "{}{unit}", rest / ms)?;
                 rest %= ms;
@@ -92,7 +98,9 @@ impl FromStr for Span {
                 i += 1;
             }
             if start == i {
-                return Err(format!("`{text}` is not a duration (expected e.g. `5m`, `1h`, `90d`)"));
+                return Err(format!(
+                    "`{text}` is not a duration (expected e.g. `5m`, `1h`, `90d`)"
+                ));
             }
             let n: i64 = s[start..i]
                 .parse()
@@ -108,7 +116,11 @@ impl FromStr for Span {
                 "h" => HOUR_MS,
                 "d" => DAY_MS,
                 "" => return Err(format!("`{text}`: missing unit (use ms, s, m, h or d)")),
-                u => return Err(format!("`{text}`: unknown unit `{u}` (use ms, s, m, h or d)")),
+                u => {
+                    return Err(format!(
+                        "`{text}`: unknown unit `{u}` (use ms, s, m, h or d)"
+                    ));
+                }
             };
             total = n
                 .checked_mul(unit)
@@ -176,7 +188,12 @@ pub fn is_late(event_time_ms: i64, watermark_ms: i64, allowed_lateness: Span) ->
 
 /// True once a tile `[start, start + width)` can no longer change: the watermark has passed its
 /// end plus the allowed lateness.
-pub fn tile_is_final(tile_start_ms: i64, width: Span, watermark_ms: i64, allowed_lateness: Span) -> bool {
+pub fn tile_is_final(
+    tile_start_ms: i64,
+    width: Span,
+    watermark_ms: i64,
+    allowed_lateness: Span,
+) -> bool {
     watermark_ms >= tile_start_ms + width.millis() + allowed_lateness.millis()
 }
 
@@ -233,7 +250,10 @@ mod tests {
             (10 * DAY_MS + 6 * HOUR_MS + 10 * MINUTE_MS, t)
         );
         // 1d window, 1h hop.
-        assert_eq!(served_range(t, Span::days(1)), (9 * DAY_MS + 7 * HOUR_MS, t));
+        assert_eq!(
+            served_range(t, Span::days(1)),
+            (9 * DAY_MS + 7 * HOUR_MS, t)
+        );
         // 30d window, 1d hop.
         assert_eq!(served_range(t, Span::days(30)), (-20 * DAY_MS, t));
         assert_eq!(hop(Span::hours(11)), Span::minutes(5));
@@ -245,10 +265,28 @@ mod tests {
     fn watermark_and_lateness() {
         let wm = watermark(100 * SECOND_MS, Span::from_millis(10 * SECOND_MS));
         assert_eq!(wm, 90 * SECOND_MS);
-        assert!(!is_late(60 * SECOND_MS, wm, Span::from_millis(30 * SECOND_MS)));
-        assert!(is_late(60 * SECOND_MS - 1, wm, Span::from_millis(30 * SECOND_MS)));
-        assert!(tile_is_final(0, Span::minutes(1), 2 * MINUTE_MS, Span::minutes(1)));
-        assert!(!tile_is_final(0, Span::minutes(1), 2 * MINUTE_MS - 1, Span::minutes(1)));
+        assert!(!is_late(
+            60 * SECOND_MS,
+            wm,
+            Span::from_millis(30 * SECOND_MS)
+        ));
+        assert!(is_late(
+            60 * SECOND_MS - 1,
+            wm,
+            Span::from_millis(30 * SECOND_MS)
+        ));
+        assert!(tile_is_final(
+            0,
+            Span::minutes(1),
+            2 * MINUTE_MS,
+            Span::minutes(1)
+        ));
+        assert!(!tile_is_final(
+            0,
+            Span::minutes(1),
+            2 * MINUTE_MS - 1,
+            Span::minutes(1)
+        ));
     }
 
     #[test]

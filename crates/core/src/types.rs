@@ -58,9 +58,9 @@ impl ColumnType {
                     "unknown type `{text}` (expected string, int64, float64, decimal(p,s), bool or timestamp)"
                 )
             })?;
-        let (p, s) = inner
-            .split_once(',')
-            .ok_or_else(|| format!("`{text}`: decimal needs a precision and a scale, e.g. decimal(10,2)"))?;
+        let (p, s) = inner.split_once(',').ok_or_else(|| {
+            format!("`{text}`: decimal needs a precision and a scale, e.g. decimal(10,2)")
+        })?;
         let precision: u8 = p
             .trim()
             .parse()
@@ -250,10 +250,7 @@ pub fn parse_decimal(text: &str, precision: u8, scale: u8) -> Result<i128, Decim
         _ => (false, s),
     };
     let (mantissa, exp) = match s.find(['e', 'E']) {
-        Some(i) => (
-            &s[..i],
-            s[i + 1..].parse::<i32>().map_err(|_| syntax())?,
-        ),
+        Some(i) => (&s[..i], s[i + 1..].parse::<i32>().map_err(|_| syntax())?),
         None => (s, 0),
     };
     let (int_part, frac_part) = match mantissa.split_once('.') {
@@ -263,7 +260,8 @@ pub fn parse_decimal(text: &str, precision: u8, scale: u8) -> Result<i128, Decim
     if int_part.is_empty() && frac_part.is_empty() {
         return Err(syntax());
     }
-    if !int_part.bytes().all(|b| b.is_ascii_digit()) || !frac_part.bytes().all(|b| b.is_ascii_digit())
+    if !int_part.bytes().all(|b| b.is_ascii_digit())
+        || !frac_part.bytes().all(|b| b.is_ascii_digit())
     {
         return Err(syntax());
     }
@@ -324,7 +322,11 @@ pub fn format_decimal(unscaled: i128, scale: u8) -> String {
     let body = if scale == 0 {
         digits
     } else if digits.len() > scale {
-        format!("{}.{}", &digits[..digits.len() - scale], &digits[digits.len() - scale..])
+        format!(
+            "{}.{}",
+            &digits[..digits.len() - scale],
+            &digits[digits.len() - scale..]
+        )
     } else {
         format!("0.{}{}", "0".repeat(scale - digits.len()), digits)
     };
@@ -340,11 +342,26 @@ mod tests {
         assert_eq!(ColumnType::parse("int64"), Ok(ColumnType::Int64));
         assert_eq!(
             ColumnType::parse("Decimal(10, 2)"),
-            Ok(ColumnType::Decimal { precision: 10, scale: 2 })
+            Ok(ColumnType::Decimal {
+                precision: 10,
+                scale: 2
+            })
         );
-        assert!(ColumnType::parse("decimal(39,2)").unwrap_err().contains("precision"));
-        assert!(ColumnType::parse("decimal(4,5)").unwrap_err().contains("scale"));
-        assert!(ColumnType::parse("varchar").unwrap_err().contains("unknown type"));
+        assert!(
+            ColumnType::parse("decimal(39,2)")
+                .unwrap_err()
+                .contains("precision")
+        );
+        assert!(
+            ColumnType::parse("decimal(4,5)")
+                .unwrap_err()
+                .contains("scale")
+        );
+        assert!(
+            ColumnType::parse("varchar")
+                .unwrap_err()
+                .contains("unknown type")
+        );
     }
 
     #[test]
@@ -363,8 +380,14 @@ mod tests {
             parse_decimal("123456789", 10, 2),
             Err(DecimalParseError::Overflow { .. })
         ));
-        assert!(matches!(parse_decimal("1.2.3", 10, 2), Err(DecimalParseError::Syntax(_))));
-        assert!(matches!(parse_decimal("", 10, 2), Err(DecimalParseError::Syntax(_))));
+        assert!(matches!(
+            parse_decimal("1.2.3", 10, 2),
+            Err(DecimalParseError::Syntax(_))
+        ));
+        assert!(matches!(
+            parse_decimal("", 10, 2),
+            Err(DecimalParseError::Syntax(_))
+        ));
         assert_eq!(format_decimal(1234, 2), "12.34");
         assert_eq!(format_decimal(-5, 2), "-0.05");
         assert_eq!(format_decimal(7, 0), "7");

@@ -8,7 +8,10 @@ use lambda_core::decode::{BatchBuilder, DecodeError, EventDecoder, decode_lines}
 use lambda_core::{FeatureView, Value};
 
 fn view() -> FeatureView {
-    FeatureView::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fraud/features.toml")).unwrap()
+    FeatureView::load(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fraud/features.toml"),
+    )
+    .unwrap()
 }
 
 const GOOD: &str = r#"{"event_id":"e1","user_id":"u1","merchant_id":null,"product_id":"p9","event_type":"purchase","amount":"12.34","card_present":true,"ts":"2024-03-01T10:00:00.5+02:00","extra":{"ignored":[1,2]}}"#;
@@ -25,12 +28,17 @@ fn decodes_a_good_event() {
     assert_eq!(row[5], Value::Decimal(1234));
     assert_eq!(row[6], Value::Bool(true));
     // 10:00:00.5+02:00 == 08:00:00.500Z
-    assert_eq!(row[7], Value::Timestamp(lambda_core::time::parse_rfc3339_ms("2024-03-01T08:00:00.500Z").unwrap()));
+    assert_eq!(
+        row[7],
+        Value::Timestamp(lambda_core::time::parse_rfc3339_ms("2024-03-01T08:00:00.500Z").unwrap())
+    );
 }
 
 #[test]
 fn decimals_from_numbers_are_exact_and_epoch_millis_work() {
-    let json = GOOD.replace("\"12.34\"", "0.1").replace("\"2024-03-01T10:00:00.5+02:00\"", "1700000000123");
+    let json = GOOD
+        .replace("\"12.34\"", "0.1")
+        .replace("\"2024-03-01T10:00:00.5+02:00\"", "1700000000123");
     let row = decode(&json).unwrap();
     assert_eq!(row[5], Value::Decimal(10));
     assert_eq!(row[7], Value::Timestamp(1_700_000_000_123));
@@ -48,51 +56,96 @@ fn err(from: &str, to: &str) -> DecodeError {
 
 #[test]
 fn invalid_json() {
-    assert!(matches!(decode("{\"event_id\": "), Err(DecodeError::Json(_))));
+    assert!(matches!(
+        decode("{\"event_id\": "),
+        Err(DecodeError::Json(_))
+    ));
     assert!(matches!(decode("not json"), Err(DecodeError::Json(_))));
     assert!(matches!(decode("[1,2]"), Err(DecodeError::Json(_))));
-    assert!(matches!(decode(&format!("{GOOD} trailing")), Err(DecodeError::Json(_))));
+    assert!(matches!(
+        decode(&format!("{GOOD} trailing")),
+        Err(DecodeError::Json(_))
+    ));
 }
 
 #[test]
 fn missing_required_field() {
     let e = err("\"user_id\":\"u1\",", "");
-    assert_eq!(e, DecodeError::Missing { field: "user_id".into() });
-    assert_eq!(e.to_string(), "field `user_id`: missing or null, but the column is not nullable");
+    assert_eq!(
+        e,
+        DecodeError::Missing {
+            field: "user_id".into()
+        }
+    );
+    assert_eq!(
+        e.to_string(),
+        "field `user_id`: missing or null, but the column is not nullable"
+    );
     let e = err("\"user_id\":\"u1\"", "\"user_id\":null");
-    assert_eq!(e, DecodeError::Missing { field: "user_id".into() });
+    assert_eq!(
+        e,
+        DecodeError::Missing {
+            field: "user_id".into()
+        }
+    );
 }
 
 #[test]
 fn wrong_types_name_the_field() {
     let e = err("\"user_id\":\"u1\"", "\"user_id\":17");
-    assert_eq!(e.to_string(), "field `user_id`: expected a string, got number 17");
+    assert_eq!(
+        e.to_string(),
+        "field `user_id`: expected a string, got number 17"
+    );
     let e = err("\"amount\":\"12.34\"", "\"amount\":true");
-    assert!(matches!(&e, DecodeError::WrongType { field, .. } if field == "amount"), "{e}");
+    assert!(
+        matches!(&e, DecodeError::WrongType { field, .. } if field == "amount"),
+        "{e}"
+    );
     let e = err("\"card_present\":true", "\"card_present\":\"yes\"");
     assert!(e.to_string().contains("expected true or false"), "{e}");
     let e = err("\"ts\":\"2024-03-01T10:00:00.5+02:00\"", "\"ts\":[1]");
-    assert!(matches!(&e, DecodeError::WrongType { field, .. } if field == "ts"), "{e}");
+    assert!(
+        matches!(&e, DecodeError::WrongType { field, .. } if field == "ts"),
+        "{e}"
+    );
 }
 
 #[test]
 fn invalid_values_name_the_field_and_reason() {
     let e = err("\"12.34\"", "\"12.345\"");
-    assert_eq!(e.to_string(), "field `amount`: `12.345` has more than 2 digits after the decimal point");
+    assert_eq!(
+        e.to_string(),
+        "field `amount`: `12.345` has more than 2 digits after the decimal point"
+    );
     let e = err("\"12.34\"", "\"abc\"");
-    assert!(e.to_string().contains("`abc` is not a decimal number"), "{e}");
+    assert!(
+        e.to_string().contains("`abc` is not a decimal number"),
+        "{e}"
+    );
     let e = err("\"12.34\"", "123456789012");
     assert!(e.to_string().contains("does not fit decimal(10,2)"), "{e}");
     let e = err("\"2024-03-01T10:00:00.5+02:00\"", "\"yesterday\"");
-    assert!(matches!(&e, DecodeError::InvalidValue { field, .. } if field == "ts"), "{e}");
+    assert!(
+        matches!(&e, DecodeError::InvalidValue { field, .. } if field == "ts"),
+        "{e}"
+    );
     let e = err("\"2024-03-01T10:00:00.5+02:00\"", "1.5e3");
     assert!(e.to_string().contains("epoch milliseconds"), "{e}");
 }
 
 #[test]
 fn duplicate_keys_are_rejected() {
-    let e = err("\"user_id\":\"u1\"", "\"user_id\":\"u1\",\"user_id\":\"u2\"");
-    assert_eq!(e, DecodeError::Duplicate { field: "user_id".into() });
+    let e = err(
+        "\"user_id\":\"u1\"",
+        "\"user_id\":\"u1\",\"user_id\":\"u2\"",
+    );
+    assert_eq!(
+        e,
+        DecodeError::Duplicate {
+            field: "user_id".into()
+        }
+    );
 }
 
 #[test]
@@ -106,7 +159,10 @@ fn lines_become_a_batch_and_bad_lines_are_kept() {
     assert_eq!(bad[0].raw, b"{broken");
     let amounts = batch.column(5).as_primitive::<Decimal128Type>();
     assert_eq!(amounts.value(0), 1234);
-    assert_eq!(batch.schema().field(5).data_type().to_string(), "Decimal128(10, 2)");
+    assert_eq!(
+        batch.schema().field(5).data_type().to_string(),
+        "Decimal128(10, 2)"
+    );
     let ts = batch.column(7).as_primitive::<TimestampMillisecondType>();
     assert_eq!(ts.timezone(), Some("UTC"));
     assert!(batch.column(2).is_null(0));

@@ -12,7 +12,10 @@ use lambda_core::filter::Filter;
 use lambda_core::{AggFunction, Aggregation, ColumnType, Value};
 use proptest::prelude::*;
 
-const DEC: ColumnType = ColumnType::Decimal { precision: 10, scale: 2 };
+const DEC: ColumnType = ColumnType::Decimal {
+    precision: 10,
+    scale: 2,
+};
 
 #[derive(Debug, Clone)]
 struct Ev {
@@ -25,7 +28,9 @@ fn value_strategy(ty: ColumnType) -> BoxedStrategy<Value> {
     let v: BoxedStrategy<Value> = match ty {
         ColumnType::Int64 => (-1_000_000i64..1_000_000).prop_map(Value::Int).boxed(),
         ColumnType::Float64 => (-1.0e6f64..1.0e6).prop_map(Value::Float).boxed(),
-        ColumnType::Decimal { .. } => (-100_000_000i128..100_000_000).prop_map(Value::Decimal).boxed(),
+        ColumnType::Decimal { .. } => (-100_000_000i128..100_000_000)
+            .prop_map(Value::Decimal)
+            .boxed(),
         ColumnType::String => "[a-e]{0,2}".prop_map(Value::Str).boxed(),
         ColumnType::Bool => any::<bool>().prop_map(Value::Bool).boxed(),
         ColumnType::Timestamp => (0i64..1_000_000).prop_map(Value::Timestamp).boxed(),
@@ -34,7 +39,15 @@ fn value_strategy(ty: ColumnType) -> BoxedStrategy<Value> {
 }
 
 fn events(ty: ColumnType) -> impl Strategy<Value = Vec<Ev>> {
-    prop::collection::vec((value_strategy(ty), prop::option::of(any::<bool>()), 0i64..20), 0..60).prop_map(|v| {
+    prop::collection::vec(
+        (
+            value_strategy(ty),
+            prop::option::of(any::<bool>()),
+            0i64..20,
+        ),
+        0..60,
+    )
+    .prop_map(|v| {
         v.into_iter()
             .enumerate()
             .map(|(i, (x, flag, ts))| Ev {
@@ -51,12 +64,32 @@ fn cases() -> Vec<(AggFunction, Option<ColumnType>)> {
     use ColumnType::*;
     let mut v = vec![(Count, None)];
     for ty in [Int64, Float64, DEC] {
-        for f in [Count, Sum, Avg, Min, Max, VarSamp, VarPop, StddevSamp, StddevPop, CountDistinct, ApproxCountDistinct, LastValue] {
+        for f in [
+            Count,
+            Sum,
+            Avg,
+            Min,
+            Max,
+            VarSamp,
+            VarPop,
+            StddevSamp,
+            StddevPop,
+            CountDistinct,
+            ApproxCountDistinct,
+            LastValue,
+        ] {
             v.push((f, Some(ty)));
         }
     }
     for ty in [String, Bool, Timestamp] {
-        for f in [Count, Min, Max, CountDistinct, ApproxCountDistinct, LastValue] {
+        for f in [
+            Count,
+            Min,
+            Max,
+            CountDistinct,
+            ApproxCountDistinct,
+            LastValue,
+        ] {
             v.push((f, Some(ty)));
         }
     }
@@ -64,7 +97,10 @@ fn cases() -> Vec<(AggFunction, Option<ColumnType>)> {
 }
 
 fn aggregation(f: AggFunction, ty: Option<ColumnType>, filtered: bool) -> Aggregation {
-    let cols = vec![("x".to_string(), ty.unwrap_or(ColumnType::Int64)), ("flag".to_string(), ColumnType::Bool)];
+    let cols = vec![
+        ("x".to_string(), ty.unwrap_or(ColumnType::Int64)),
+        ("flag".to_string(), ColumnType::Bool),
+    ];
     Aggregation {
         name: format!("{f}"),
         function: f,
@@ -97,7 +133,12 @@ fn close(a: f64, b: f64) -> bool {
 fn assert_same(a: &Aggregation, x: &AggState, y: &AggState) -> Result<(), TestCaseError> {
     let (fx, fy) = (a.finalize(x).unwrap(), a.finalize(y).unwrap());
     match (&fx, &fy) {
-        (Value::Float(p), Value::Float(q)) if a.output_type == ColumnType::Float64 && a.function != AggFunction::Min && a.function != AggFunction::Max && a.function != AggFunction::LastValue => {
+        (Value::Float(p), Value::Float(q))
+            if a.output_type == ColumnType::Float64
+                && a.function != AggFunction::Min
+                && a.function != AggFunction::Max
+                && a.function != AggFunction::LastValue =>
+        {
             prop_assert!(close(*p, *q), "{}: {p} vs {q}", a.name)
         }
         _ => prop_assert_eq!(&fx, &fy, "{}", a.name),
@@ -115,7 +156,13 @@ fn assert_same(a: &Aggregation, x: &AggState, y: &AggState) -> Result<(), TestCa
     Ok(())
 }
 
-fn check_laws(evs: &[Ev], cut1: usize, cut2: usize, filtered: bool, types: &[ColumnType]) -> Result<(), TestCaseError> {
+fn check_laws(
+    evs: &[Ev],
+    cut1: usize,
+    cut2: usize,
+    filtered: bool,
+    types: &[ColumnType],
+) -> Result<(), TestCaseError> {
     let n = evs.len();
     let (i, j) = (cut1.min(n), cut2.min(n));
     let (i, j) = (i.min(j), i.max(j));
@@ -127,11 +174,19 @@ fn check_laws(evs: &[Ev], cut1: usize, cut2: usize, filtered: bool, types: &[Col
         }
         let a = aggregation(f, ty, filtered);
         let whole = aggregate(&a, evs);
-        let (p, q, r) = (aggregate(&a, &evs[..i]), aggregate(&a, &evs[i..j]), aggregate(&a, &evs[j..]));
+        let (p, q, r) = (
+            aggregate(&a, &evs[..i]),
+            aggregate(&a, &evs[i..j]),
+            aggregate(&a, &evs[j..]),
+        );
         // Split law: merging the parts equals the whole.
         assert_same(&a, &merged(&a, &merged(&a, &p, &q), &r), &whole)?;
         // Associativity.
-        assert_same(&a, &merged(&a, &merged(&a, &p, &q), &r), &merged(&a, &p, &merged(&a, &q, &r)))?;
+        assert_same(
+            &a,
+            &merged(&a, &merged(&a, &p, &q), &r),
+            &merged(&a, &p, &merged(&a, &q, &r)),
+        )?;
         // Commutativity (also of a scrambled split).
         assert_same(&a, &merged(&a, &p, &r), &merged(&a, &r, &p))?;
         let mut scrambled = merged(&a, &r, &p);
@@ -195,25 +250,69 @@ proptest! {
 #[test]
 fn finalize_edge_cases() {
     let var = aggregation(AggFunction::VarSamp, Some(ColumnType::Float64), false);
-    let one = vec![Ev { row: vec![Value::Float(3.0), Value::Null], ts: 0, id: "a".into() }];
+    let one = vec![Ev {
+        row: vec![Value::Float(3.0), Value::Null],
+        ts: 0,
+        id: "a".into(),
+    }];
     assert_eq!(var.finalize(&aggregate(&var, &one)).unwrap(), Value::Null);
     let pop = aggregation(AggFunction::VarPop, Some(ColumnType::Float64), false);
-    assert_eq!(pop.finalize(&aggregate(&pop, &one)).unwrap(), Value::Float(0.0));
+    assert_eq!(
+        pop.finalize(&aggregate(&pop, &one)).unwrap(),
+        Value::Float(0.0)
+    );
     let sum = aggregation(AggFunction::Sum, Some(ColumnType::Int64), false);
     assert_eq!(sum.finalize(&sum.empty()).unwrap(), Value::Null);
-    let big: Vec<Ev> = (0..3).map(|i| Ev { row: vec![Value::Int(i64::MAX), Value::Null], ts: 0, id: i.to_string() }).collect();
-    assert!(sum.finalize(&aggregate(&sum, &big)).unwrap_err().to_string().contains("overflows"));
+    let big: Vec<Ev> = (0..3)
+        .map(|i| Ev {
+            row: vec![Value::Int(i64::MAX), Value::Null],
+            ts: 0,
+            id: i.to_string(),
+        })
+        .collect();
+    assert!(
+        sum.finalize(&aggregate(&sum, &big))
+            .unwrap_err()
+            .to_string()
+            .contains("overflows")
+    );
     let avg = aggregation(AggFunction::Avg, Some(DEC), false);
-    let thirds: Vec<Ev> = [1i128, 1, 0].iter().enumerate().map(|(i, x)| Ev { row: vec![Value::Decimal(*x), Value::Null], ts: 0, id: i.to_string() }).collect();
+    let thirds: Vec<Ev> = [1i128, 1, 0]
+        .iter()
+        .enumerate()
+        .map(|(i, x)| Ev {
+            row: vec![Value::Decimal(*x), Value::Null],
+            ts: 0,
+            id: i.to_string(),
+        })
+        .collect();
     // 0.02 / 3 = 0.006666.. -> 0.006666 (truncated, scale 6)
-    assert_eq!(avg.finalize(&aggregate(&avg, &thirds)).unwrap(), Value::Decimal(6666));
+    assert_eq!(
+        avg.finalize(&aggregate(&avg, &thirds)).unwrap(),
+        Value::Decimal(6666)
+    );
     let last = aggregation(AggFunction::LastValue, Some(ColumnType::String), false);
     let evs = vec![
-        Ev { row: vec![Value::Str("late-id".into()), Value::Null], ts: 5, id: "b".into() },
-        Ev { row: vec![Value::Str("early-id".into()), Value::Null], ts: 5, id: "a".into() },
-        Ev { row: vec![Value::Null, Value::Null], ts: 9, id: "c".into() },
+        Ev {
+            row: vec![Value::Str("late-id".into()), Value::Null],
+            ts: 5,
+            id: "b".into(),
+        },
+        Ev {
+            row: vec![Value::Str("early-id".into()), Value::Null],
+            ts: 5,
+            id: "a".into(),
+        },
+        Ev {
+            row: vec![Value::Null, Value::Null],
+            ts: 9,
+            id: "c".into(),
+        },
     ];
-    assert_eq!(last.finalize(&aggregate(&last, &evs)).unwrap(), Value::Str("late-id".into()));
+    assert_eq!(
+        last.finalize(&aggregate(&last, &evs)).unwrap(),
+        Value::Str("late-id".into())
+    );
 }
 
 #[test]
@@ -221,11 +320,21 @@ fn corrupt_and_foreign_bytes_are_errors() {
     let a = aggregation(AggFunction::Sum, Some(DEC), false);
     let b = aggregation(AggFunction::Count, None, false);
     let bytes = encode_states(std::slice::from_ref(&a), &[a.empty()]);
-    assert!(decode_states(std::slice::from_ref(&b), &bytes).unwrap_err().to_string().contains("state"));
+    assert!(
+        decode_states(std::slice::from_ref(&b), &bytes)
+            .unwrap_err()
+            .to_string()
+            .contains("state")
+    );
     assert!(decode_states(std::slice::from_ref(&a), &bytes[..bytes.len() - 1]).is_err());
     let mut future = bytes.clone();
     future[0] = 99;
-    assert!(decode_states(std::slice::from_ref(&a), &future).unwrap_err().to_string().contains("version 99"));
+    assert!(
+        decode_states(std::slice::from_ref(&a), &future)
+            .unwrap_err()
+            .to_string()
+            .contains("version 99")
+    );
     let mut trailing = bytes;
     trailing.push(0);
     assert!(decode_states(std::slice::from_ref(&a), &trailing).is_err());

@@ -9,15 +9,17 @@
 //! the same events in arrival order as JSON lines (the stream the speed layer replays). The schema
 //! is the `transactions` source of `examples/fraud/features.toml`.
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow_array::builder::{BooleanBuilder, Decimal128Builder, StringBuilder, TimestampMillisecondBuilder};
+use arrow_array::builder::{
+    BooleanBuilder, Decimal128Builder, StringBuilder, TimestampMillisecondBuilder,
+};
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use parquet::arrow::ArrowWriter;
@@ -223,7 +225,11 @@ pub fn schema() -> SchemaRef {
         Field::new("event_type", DataType::Utf8, false),
         Field::new("amount", DataType::Decimal128(10, 2), true),
         Field::new("card_present", DataType::Boolean, true),
-        Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
     ]))
 }
 
@@ -308,15 +314,25 @@ impl ParquetSink {
                 .map(|d| d.format("%Y-%m-%d").to_string())
                 .unwrap_or_default();
             let dir = self.dir.join(format!("date={date}"));
-            fs::create_dir_all(&dir).map_err(|source| GenError::Io { path: dir.clone(), source })?;
+            fs::create_dir_all(&dir).map_err(|source| GenError::Io {
+                path: dir.clone(),
+                source,
+            })?;
             let path = dir.join("part-00000.parquet");
-            let file = File::create(&path).map_err(|source| GenError::Io { path: path.clone(), source })?;
+            let file = File::create(&path).map_err(|source| GenError::Io {
+                path: path.clone(),
+                source,
+            })?;
             let props = WriterProperties::builder()
                 .set_compression(Compression::SNAPPY)
                 .set_max_row_group_row_count(Some(256 * 1024))
                 .build();
-            let w = ArrowWriter::try_new(file, schema(), Some(props))
-                .map_err(|source| GenError::Parquet { path: path.clone(), source })?;
+            let w = ArrowWriter::try_new(file, schema(), Some(props)).map_err(|source| {
+                GenError::Parquet {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
             self.current = Some((day, path, w));
             self.files += 1;
         }
@@ -333,14 +349,20 @@ impl ParquetSink {
         }
         let b = self.batch.finish();
         if let Some((_, path, w)) = &mut self.current {
-            w.write(&b).map_err(|source| GenError::Parquet { path: path.clone(), source })?;
+            w.write(&b).map_err(|source| GenError::Parquet {
+                path: path.clone(),
+                source,
+            })?;
         }
         Ok(())
     }
     fn close(&mut self) -> Result<(), GenError> {
         self.flush()?;
         if let Some((_, path, w)) = self.current.take() {
-            w.close().map_err(|source| GenError::Parquet { path: path.clone(), source })?;
+            w.close().map_err(|source| GenError::Parquet {
+                path: path.clone(),
+                source,
+            })?;
             self.bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         }
         Ok(())
@@ -348,29 +370,44 @@ impl ParquetSink {
 }
 
 fn write_json(out: &mut impl Write, e: &Event, rng_bits: u64) -> std::io::Result<()> {
-    write!(out, "{{\"event_id\":\"e{:012}\",\"user_id\":\"u{:07}\",", e.id, e.user)?;
+    write!(
+        out,
+        "{{\"event_id\":\"e{:012}\",\"user_id\":\"u{:07}\",",
+        e.id, e.user
+    )?;
     match e.merchant {
         Some(m) => write!(out, "\"merchant_id\":\"m{m:05}\",")?,
         None => write!(out, "\"merchant_id\":null,")?,
     }
-    write!(out, "\"product_id\":\"p{:06}\",\"event_type\":\"{}\",", e.product, KINDS[e.kind as usize])?;
+    write!(
+        out,
+        "\"product_id\":\"p{:06}\",\"event_type\":\"{}\",",
+        e.product, KINDS[e.kind as usize]
+    )?;
     match e.amount_cents {
         // Mostly strings (what careful producers send), sometimes bare JSON numbers.
-        Some(c) if rng_bits % 4 == 0 => write!(out, "\"amount\":{}.{:02},", c / 100, c % 100)?,
+        Some(c) if rng_bits.is_multiple_of(4) => {
+            write!(out, "\"amount\":{}.{:02},", c / 100, c % 100)?
+        }
         Some(c) => write!(out, "\"amount\":\"{}.{:02}\",", c / 100, c % 100)?,
         None => write!(out, "\"amount\":null,")?,
     }
-    match e.card_present {
-        Some(b) => write!(out, "\"card_present\":{b},")?,
-        None => {} // absent field: NULL
+    // An absent field is NULL.
+    if let Some(b) = e.card_present {
+        write!(out, "\"card_present\":{b},")?
     }
     // Timestamps: mostly RFC 3339 UTC, some with a +02:00 offset, some epoch milliseconds.
     let ts = chrono::DateTime::from_timestamp_millis(e.ts).unwrap_or_default();
     match (rng_bits >> 8) % 10 {
         0 => write!(out, "\"ts\":{}", e.ts)?,
         1 => {
-            let local = ts.with_timezone(&chrono::FixedOffset::east_opt(7200).expect("valid offset"));
-            write!(out, "\"ts\":\"{}\"", local.format("%Y-%m-%dT%H:%M:%S%.3f%:z"))?
+            let local =
+                ts.with_timezone(&chrono::FixedOffset::east_opt(7200).expect("valid offset"));
+            write!(
+                out,
+                "\"ts\":\"{}\"",
+                local.format("%Y-%m-%dT%H:%M:%S%.3f%:z")
+            )?
         }
         _ => write!(out, "\"ts\":\"{}\"", ts.format("%Y-%m-%dT%H:%M:%S%.3fZ"))?,
     }
@@ -379,30 +416,61 @@ fn write_json(out: &mut impl Write, e: &Event, rng_bits: u64) -> std::io::Result
 
 fn write_malformed(out: &mut impl Write, e: &Event, which: u64) -> std::io::Result<()> {
     match which % 5 {
-        0 => writeln!(out, "{{\"event_id\":\"bad{:012}\",\"user_id\":\"u{:07}\",\"amo", e.id, e.user),
-        1 => writeln!(out, "{{\"event_id\":\"bad{:012}\",\"user_id\":\"u{:07}\",\"product_id\":\"p1\",\"event_type\":\"purchase\",\"amount\":\"12,50\",\"ts\":{}}}", e.id, e.user, e.ts),
-        2 => writeln!(out, "{{\"event_id\":\"bad{:012}\",\"product_id\":\"p1\",\"event_type\":\"purchase\",\"amount\":\"1.00\",\"ts\":{}}}", e.id, e.ts),
-        3 => writeln!(out, "{{\"event_id\":\"bad{:012}\",\"user_id\":\"u{:07}\",\"product_id\":\"p1\",\"event_type\":\"view\",\"ts\":\"last tuesday\"}}", e.id, e.user),
+        0 => writeln!(
+            out,
+            "{{\"event_id\":\"bad{:012}\",\"user_id\":\"u{:07}\",\"amo",
+            e.id, e.user
+        ),
+        1 => writeln!(
+            out,
+            "{{\"event_id\":\"bad{:012}\",\"user_id\":\"u{:07}\",\"product_id\":\"p1\",\"event_type\":\"purchase\",\"amount\":\"12,50\",\"ts\":{}}}",
+            e.id, e.user, e.ts
+        ),
+        2 => writeln!(
+            out,
+            "{{\"event_id\":\"bad{:012}\",\"product_id\":\"p1\",\"event_type\":\"purchase\",\"amount\":\"1.00\",\"ts\":{}}}",
+            e.id, e.ts
+        ),
+        3 => writeln!(
+            out,
+            "{{\"event_id\":\"bad{:012}\",\"user_id\":\"u{:07}\",\"product_id\":\"p1\",\"event_type\":\"view\",\"ts\":\"last tuesday\"}}",
+            e.id, e.user
+        ),
         _ => writeln!(out, "not json at all: {}", e.id),
     }
 }
 
 /// Generates the data set: Parquet under `out/history`, JSON lines at `out/stream/events.jsonl`.
 /// `progress` is called every million events with the number done.
-pub fn generate(cfg: &GenConfig, out: &Path, mut progress: impl FnMut(u64)) -> Result<GenSummary, GenError> {
+pub fn generate(
+    cfg: &GenConfig,
+    out: &Path,
+    mut progress: impl FnMut(u64),
+) -> Result<GenSummary, GenError> {
     if cfg.events == 0 || cfg.days == 0 {
-        return Err(GenError::Config("--events and --days must be positive".into()));
+        return Err(GenError::Config(
+            "--events and --days must be positive".into(),
+        ));
     }
     let history = out.join("history");
     let stream_dir = out.join("stream");
     for d in [&history, &stream_dir] {
         if d.exists() {
-            fs::remove_dir_all(d).map_err(|source| GenError::Io { path: d.clone(), source })?;
+            fs::remove_dir_all(d).map_err(|source| GenError::Io {
+                path: d.clone(),
+                source,
+            })?;
         }
-        fs::create_dir_all(d).map_err(|source| GenError::Io { path: d.clone(), source })?;
+        fs::create_dir_all(d).map_err(|source| GenError::Io {
+            path: d.clone(),
+            source,
+        })?;
     }
     let json_path = stream_dir.join("events.jsonl");
-    let io = |source| GenError::Io { path: json_path.clone(), source };
+    let io = |source| GenError::Io {
+        path: json_path.clone(),
+        source,
+    };
     let mut json = BufWriter::with_capacity(1 << 20, File::create(&json_path).map_err(io)?);
     let mut parquet = ParquetSink {
         dir: history,
@@ -435,16 +503,26 @@ pub fn generate(cfg: &GenConfig, out: &Path, mut progress: impl FnMut(u64)) -> R
         };
         let amount_cents = match kind {
             1 => None,
-            _ => Some(((3.2 + 1.1 * rng.normal()).exp() * 100.0).clamp(1.0, 9_999_999_999.0) as i64),
+            _ => {
+                Some(((3.2 + 1.1 * rng.normal()).exp() * 100.0).clamp(1.0, 9_999_999_999.0) as i64)
+            }
         };
         let e = Event {
             id: i,
             user: users.sample(&mut rng),
-            merchant: if rng.f64() < cfg.null_merchant_fraction { None } else { Some(merchants.sample(&mut rng)) },
+            merchant: if rng.f64() < cfg.null_merchant_fraction {
+                None
+            } else {
+                Some(merchants.sample(&mut rng))
+            },
             product: products.sample(&mut rng),
             kind,
             amount_cents,
-            card_present: if rng.below(20) == 0 { None } else { Some(rng.below(3) != 0) },
+            card_present: if rng.below(20) == 0 {
+                None
+            } else {
+                Some(rng.below(3) != 0)
+            },
             ts,
         };
         // Release everything due before this event arrives.
@@ -452,7 +530,9 @@ pub fn generate(cfg: &GenConfig, out: &Path, mut progress: impl FnMut(u64)) -> R
             if *at > ts {
                 break;
             }
-            let Some(Reverse((_, _, EventOrd(d)))) = delayed.pop() else { break };
+            let Some(Reverse((_, _, EventOrd(d)))) = delayed.pop() else {
+                break;
+            };
             write_json(&mut json, &d, d.id.wrapping_mul(0x9e37)).map_err(io)?;
             summary.json_lines += 1;
         }

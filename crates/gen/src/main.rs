@@ -37,9 +37,12 @@ struct Args {
 }
 
 fn main() {
-    tracing_subscriber::fmt().with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-    ).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     if let Err(e) = run(Args::parse()) {
         eprintln!("lambda-gen: error: {e:#}");
         std::process::exit(2);
@@ -49,7 +52,11 @@ fn main() {
 fn run(args: Args) -> anyhow::Result<()> {
     let end = chrono::NaiveDate::parse_from_str(&args.end, "%Y-%m-%d")
         .with_context(|| format!("--end `{}` is not a date like 2026-01-01", args.end))?;
-    let end_ms = end.and_hms_opt(0, 0, 0).context("midnight")?.and_utc().timestamp_millis();
+    let end_ms = end
+        .and_hms_opt(0, 0, 0)
+        .context("midnight")?
+        .and_utc()
+        .timestamp_millis();
     let cfg = GenConfig {
         events: args.events,
         days: args.days,
@@ -61,17 +68,33 @@ fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     tracing::info!(events = cfg.events, days = cfg.days, users = cfg.effective_users(), out = %args.out.display(), "Generating.");
     let s = generate(&cfg, &args.out, |done| {
-        tracing::info!(done, total = cfg.events, elapsed_s = started.elapsed().as_secs_f64(), "Progress.");
+        tracing::info!(
+            done,
+            total = cfg.events,
+            elapsed_s = started.elapsed().as_secs_f64(),
+            "Progress."
+        );
     })
     .with_context(|| format!("generating into {}", args.out.display()))?;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "generated {} events (+{} duplicates, {} out of order, {} late, {} malformed lines) in {:.1} s ({:.2} M events/s)",
-        s.events, s.duplicates, s.out_of_order, s.late, s.malformed, secs, s.events as f64 / secs / 1e6
+        s.events,
+        s.duplicates,
+        s.out_of_order,
+        s.late,
+        s.malformed,
+        secs,
+        s.events as f64 / secs / 1e6
     );
     println!(
         "  history: {}/history  ({} Parquet files, {} rows)\n  stream:  {}/stream/events.jsonl  ({} lines)\n  bytes:   {:.1} MB",
-        args.out.display(), s.parquet_files, s.parquet_rows, args.out.display(), s.json_lines, s.bytes as f64 / 1e6
+        args.out.display(),
+        s.parquet_files,
+        s.parquet_rows,
+        args.out.display(),
+        s.json_lines,
+        s.bytes as f64 / 1e6
     );
     Ok(())
 }

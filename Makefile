@@ -1,0 +1,34 @@
+# lambda: the two commands are `make demo` and `make test`.
+SHELL := /bin/bash
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/lambda-target
+CARGO ?= cargo
+DEMO_DIR ?= data/demo
+DEMO_EVENTS ?= 2000000
+
+.PHONY: demo test fmt lint unit bench gen build help
+
+help: ## Show the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+demo: ## The main job end to end on the embedded default (no services needed).
+	bash scripts/demo.sh "$(DEMO_DIR)" "$(DEMO_EVENTS)"
+
+test: fmt lint unit ## Every check: formatting, clippy (warnings are errors), all tests.
+
+fmt: ## cargo fmt --check
+	$(CARGO) fmt --all -- --check
+
+lint: ## clippy on every target, warnings denied
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+unit: ## All tests of the workspace.
+	$(CARGO) test --workspace --locked
+
+bench: ## Criterion benchmark: decode + aggregate events/s on one core.
+	$(CARGO) bench -p lambda-core --bench decode_aggregate
+
+build: ## Release binaries.
+	$(CARGO) build --release --locked --bins
+
+gen: ## Generate 10 million events (about 90 days) into data/gen10m.
+	$(CARGO) run --release --locked -p lambda-gen -- --events 10000000 --days 90 --out data/gen10m
