@@ -22,11 +22,12 @@ step "1. The feature definition (one file per view; both paths derive from it)"
 step "2. Generating $events events (90 days) into $dir"
 "$bin/lambda-gen" --events "$events" --days 90 --out "$dir"
 echo "history partitions:"; ls "$dir/history" | head -3; echo "  … $(ls "$dir/history" | wc -l) days"
-echo "first stream lines:"; head -c 600 "$dir/stream/events.jsonl"; echo
+echo "first stream lines:"; head -n 2 "$dir/stream/events.jsonl"
 
 step "3. The batch SQL generated from the definition (as of the end of the data)"
-"$bin/lambda-batch" sql --view examples/fraud/features.toml --as-of 2026-01-01T00:00:00Z | head -12
-echo "  …"
+"$bin/lambda-batch" sql --view examples/fraud/features.toml --as-of 2026-01-01T00:00:00Z > "$dir/fraud_user.sql"
+head -n 8 "$dir/fraud_user.sql"
+echo "  … ($(wc -l < "$dir/fraud_user.sql") lines in $dir/fraud_user.sql)"
 
 step "4. What is not built yet"
 for b in lambda-speed lambda-serve lambda-parity; do

@@ -48,6 +48,16 @@ enum Command {
     Schedule,
 }
 
+/// Writes to stdout; a closed pipe (`lambda-batch sql | head`) ends the program quietly.
+fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        other => Ok(other?),
+    }
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
@@ -69,7 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => last_midnight(chrono::Utc::now().timestamp_millis()),
             };
             let table = table.unwrap_or_else(|| v.source.name.clone());
-            println!("{};", sql::features_as_of(&v, &table, as_of_ms));
+            print_stdout(&format!("{};\n", sql::features_as_of(&v, &table, as_of_ms)))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { view } => {

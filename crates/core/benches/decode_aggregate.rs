@@ -10,7 +10,7 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use lambda_core::agg::{AggState, empty_states, update_all};
+use lambda_core::agg::{AggState, FastHash, empty_states, update_all};
 use lambda_core::time::tile_start;
 use lambda_core::{EventDecoder, FeatureView, Value};
 
@@ -69,7 +69,10 @@ fn bench(c: &mut Criterion) {
     g.bench_function("decode+aggregate", |b| {
         let mut row = Vec::new();
         b.iter(|| {
-            let mut tiles: HashMap<String, HashMap<i64, Vec<AggState>>> = HashMap::new();
+            // Entities are interned to dense ids (looked up by &str, no allocation), tiles keyed by
+            // (entity id, tile start): the layout the speed layer uses.
+            let mut entities: HashMap<Box<str>, u32, FastHash> = HashMap::default();
+            let mut tiles: HashMap<(u32, i64), Vec<AggState>, FastHash> = HashMap::default();
             for l in &input {
                 dec.decode_into(l.as_bytes(), &mut row).expect("valid");
                 let (Value::Str(entity), Value::Timestamp(ts), Value::Str(event_id)) =
@@ -78,12 +81,13 @@ fn bench(c: &mut Criterion) {
                     unreachable!()
                 };
                 let key_tile = tile_start(*ts, tile);
-                let per_entity = match tiles.get_mut(entity.as_str()) {
-                    Some(m) => m,
-                    None => tiles.entry(entity.clone()).or_default(),
+                let next = entities.len() as u32;
+                let eid = match entities.get(entity.as_str()) {
+                    Some(id) => *id,
+                    None => *entities.entry(entity.as_str().into()).or_insert(next),
                 };
-                let states = per_entity
-                    .entry(key_tile)
+                let states = tiles
+                    .entry((eid, key_tile))
                     .or_insert_with(|| empty_states(&aggs));
                 update_all(&aggs, states, &row, *ts, event_id);
             }

@@ -227,14 +227,18 @@ impl DistinctKey {
     }
 }
 
+/// The hasher of distinct sets: foldhash (fast, seeded per process, so not open to chosen
+/// collisions the way an unseeded hash is).
+pub type FastHash = foldhash::fast::RandomState;
+
 /// The exact set of distinct non-NULL values of `count_distinct`, split by kind so that a string
 /// already present is found without allocating.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DistinctSet {
     /// Int64, decimal (unscaled), timestamp, and float64 (canonical bits) values.
-    pub nums: HashSet<i128>,
+    pub nums: HashSet<i128, FastHash>,
     /// String values.
-    pub strs: HashSet<Box<str>>,
+    pub strs: HashSet<Box<str>, FastHash>,
     /// Whether `false` / `true` were seen.
     pub bools: [bool; 2],
 }

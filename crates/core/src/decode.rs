@@ -97,15 +97,25 @@ impl EventDecoder {
 
     /// Decodes one JSON object into `row` (cleared and refilled, so callers can reuse it).
     pub fn decode_into(&self, json: &[u8], row: &mut Row) -> Result<(), DecodeError> {
-        row.clear();
-        row.resize(self.names.len(), Value::Null);
-        let mut seen = vec![false; self.names.len()];
+        // Reuse the row's string buffers: a decoded row of the same schema is overwritten in place.
+        if row.len() != self.names.len() {
+            row.clear();
+            row.resize(self.names.len(), Value::Null);
+        }
+        let mut seen_buf = [false; 32];
+        let mut seen_vec;
+        let seen: &mut [bool] = if self.names.len() <= 32 {
+            &mut seen_buf[..self.names.len()]
+        } else {
+            seen_vec = vec![false; self.names.len()];
+            &mut seen_vec
+        };
         let mut failure: Option<DecodeError> = None;
         let mut de = serde_json::Deserializer::from_slice(json);
         let result = RecordSeed {
             dec: self,
             row,
-            seen: &mut seen,
+            seen,
             failure: &mut failure,
         }
         .deserialize(&mut de)
@@ -114,7 +124,10 @@ impl EventDecoder {
             return Err(f);
         }
         result.map_err(|e| DecodeError::Json(e.to_string()))?;
-        for (i, v) in row.iter().enumerate() {
+        for (i, v) in row.iter_mut().enumerate() {
+            if !seen[i] {
+                *v = Value::Null;
+            }
             if v.is_null() && !self.nullable[i] {
                 return Err(DecodeError::Missing {
                     field: self.names[i].clone(),
@@ -170,8 +183,8 @@ impl<'de> Visitor<'de> for RecordSeed<'_> {
             }
             let ty = self.dec.types[i];
             let raw: &RawValue = map.next_value()?;
-            match convert(raw.get(), ty) {
-                Ok(v) => self.row[i] = v,
+            match convert_into(raw.get(), ty, &mut self.row[i]) {
+                Ok(()) => {}
                 Err(e) => {
                     *self.failure = Some(e.into_error(field, ty));
                     return Err(de::Error::custom("bad field"));
@@ -245,6 +258,26 @@ fn describe(raw: &str) -> String {
     let shown: String = raw.chars().take(40).collect();
     let ell = if raw.chars().count() > 40 { "…" } else { "" };
     format!("{kind} {shown}{ell}")
+}
+
+/// Converts one raw JSON value into `slot`, reusing the slot's string buffer when it has one.
+fn convert_into(raw: &str, ty: ColumnType, slot: &mut Value) -> Result<(), Bad> {
+    if ty == ColumnType::String
+        && raw.len() >= 2
+        && raw.as_bytes()[0] == b'"'
+        && !raw.contains('\\')
+    {
+        let text = &raw[1..raw.len() - 1];
+        if let Value::Str(buf) = slot {
+            buf.clear();
+            buf.push_str(text);
+        } else {
+            *slot = Value::Str(text.to_string());
+        }
+        return Ok(());
+    }
+    *slot = convert(raw, ty)?;
+    Ok(())
 }
 
 /// Converts one raw JSON value (already validated JSON) into a typed value.

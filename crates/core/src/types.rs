@@ -267,34 +267,27 @@ pub fn parse_decimal(text: &str, precision: u8, scale: u8) -> Result<i128, Decim
     }
     // digits * 10^(exp - frac_len) is the number; we need it * 10^scale.
     let shift = exp as i64 - frac_part.len() as i64 + scale as i64;
-    let digits = int_part.bytes().chain(frac_part.bytes());
+    let total = int_part.len() + frac_part.len();
+    let digits = || int_part.bytes().chain(frac_part.bytes());
     let overflow = || DecimalParseError::Overflow {
         text: text.to_string(),
         precision,
         scale,
     };
-    let mut acc: i128 = 0;
-    let mut dropped_nonzero = false;
-    let all: Vec<u8> = digits.collect();
+    // Digits beyond `keep` would land below the scale: they must all be zero (no silent rounding).
     let keep = if shift >= 0 {
-        all.len()
+        total
     } else {
-        let drop = (-shift) as usize;
-        if drop > all.len() {
-            dropped_nonzero = all.iter().any(|&d| d != b'0');
-            0
-        } else {
-            dropped_nonzero = all[all.len() - drop..].iter().any(|&d| d != b'0');
-            all.len() - drop
-        }
+        total.saturating_sub((-shift) as usize)
     };
-    if dropped_nonzero {
+    if digits().skip(keep).any(|d| d != b'0') {
         return Err(DecimalParseError::TooManyFractionDigits {
             text: text.to_string(),
             scale,
         });
     }
-    for &d in &all[..keep] {
+    let mut acc: i128 = 0;
+    for d in digits().take(keep) {
         acc = acc
             .checked_mul(10)
             .and_then(|a| a.checked_add((d - b'0') as i128))
