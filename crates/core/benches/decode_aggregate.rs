@@ -14,7 +14,18 @@ use lambda_core::agg::{AggState, FastHash, empty_states, update_all};
 use lambda_core::time::tile_start;
 use lambda_core::{EventDecoder, FeatureView, Value};
 
-fn lines(n: usize) -> Vec<String> {
+/// `n` JSON events, 4 per second, users drawn uniformly from 10 000 (`zipf == false`: nearly every
+/// event opens a new (user, tile) state, the worst case) or Zipf-skewed (s = 1.1) over n/100 users
+/// as `lambda-gen` draws them.
+fn lines(n: usize, zipf: bool) -> Vec<String> {
+    let users = (n / 100).max(1_000);
+    let mut cdf: Vec<f64> = (1..=users).map(|k| 1.0 / (k as f64).powf(1.1)).collect();
+    let total: f64 = cdf.iter().sum();
+    let mut acc = 0.0;
+    for c in cdf.iter_mut() {
+        acc += *c / total;
+        *c = acc;
+    }
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut next = move || {
         x ^= x << 13;
@@ -32,7 +43,11 @@ fn lines(n: usize) -> Vec<String> {
             let ts_text = if r % 10 == 0 { ts.to_string() } else { format!("\"{}\"", lambda_core::time::format_ts(ts)) };
             format!(
                 "{{\"event_id\":\"e{i:012}\",\"user_id\":\"u{:07}\",\"merchant_id\":{merchant},\"product_id\":\"p{:06}\",\"event_type\":\"{kind}\",\"amount\":{amount},\"card_present\":true,\"ts\":{ts_text}}}",
-                (r >> 32) % 10_000,
+                if zipf {
+                    cdf.partition_point(|&c| c < (r >> 11) as f64 / (1u64 << 53) as f64) as u64
+                } else {
+                    (r >> 32) % 10_000
+                },
                 (r >> 40) % 20_000
             )
         })
@@ -44,9 +59,14 @@ fn bench(c: &mut Criterion) {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fraud/features.toml"),
     )
     .expect("example view");
+    for (label, zipf) in [("uniform_users", false), ("zipf_users", true)] {
+        bench_input(c, &view, label, &lines(100_000, zipf));
+    }
+}
+
+fn bench_input(c: &mut Criterion, view: &FeatureView, label: &str, input: &[String]) {
     let aggs = view.aggs();
     let dec = EventDecoder::new(&view.source);
-    let input = lines(100_000);
     let (e, t, id) = (
         view.source.entity,
         view.source.event_time,
@@ -54,13 +74,13 @@ fn bench(c: &mut Criterion) {
     );
     let tile = view.speed.tile;
 
-    let mut g = c.benchmark_group("fraud_view");
+    let mut g = c.benchmark_group(format!("fraud_view/{label}"));
     g.throughput(Throughput::Elements(input.len() as u64));
     g.sample_size(20);
     g.bench_function("decode", |b| {
         let mut row = Vec::new();
         b.iter(|| {
-            for l in &input {
+            for l in input {
                 dec.decode_into(l.as_bytes(), &mut row).expect("valid");
                 black_box(&row);
             }
@@ -73,7 +93,7 @@ fn bench(c: &mut Criterion) {
             // (entity id, tile start): the layout the speed layer uses.
             let mut entities: HashMap<Box<str>, u32, FastHash> = HashMap::default();
             let mut tiles: HashMap<(u32, i64), Vec<AggState>, FastHash> = HashMap::default();
-            for l in &input {
+            for l in input {
                 dec.decode_into(l.as_bytes(), &mut row).expect("valid");
                 let (Value::Str(entity), Value::Timestamp(ts), Value::Str(event_id)) =
                     (&row[e], &row[t], &row[id])
