@@ -5,7 +5,7 @@ CARGO ?= cargo
 DEMO_DIR ?= data/demo
 DEMO_EVENTS ?= 2000000
 
-.PHONY: demo test fmt lint unit bench gen build help
+.PHONY: demo test fmt lint unit bench gen build help emulators-up emulators-down
 
 help: ## Show the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -13,7 +13,14 @@ help: ## Show the targets.
 demo: ## The main job end to end on the embedded default (no services needed).
 	bash scripts/demo.sh "$(DEMO_DIR)" "$(DEMO_EVENTS)"
 
-test: fmt lint unit ## Every check: formatting, clippy (warnings are errors), all tests.
+test: ## Every check: fmt, clippy -D warnings, infra lint/scan, all tests with the AWS emulators.
+	bash scripts/test.sh
+
+emulators-up: ## Start DynamoDB Local, kinesis-mock and moto (S3) on 127.0.0.1; prints their endpoints.
+	bash scripts/emulators.sh up
+
+emulators-down: ## Stop the emulators started by emulators-up.
+	bash scripts/emulators.sh down
 
 fmt: ## cargo fmt --check
 	$(CARGO) fmt --all -- --check

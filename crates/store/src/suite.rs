@@ -1,0 +1,279 @@
+//! The one behaviour suite every [`OnlineStore`] implementation must pass (run by the tests of
+//! this crate against the embedded store and against DynamoDB Local). It panics on the first
+//! failure, like a test; `prefix` keeps each run's keys unique.
+
+use std::sync::Arc;
+
+use crate::{Condition, Guard, Item, ItemKey, ManualClock, OnlineStore, StoreError};
+
+fn item(pk: &str, sk: &str, data: &[u8], guard: Option<u128>, expires_at: Option<i64>) -> Item {
+    Item {
+        key: ItemKey::new(pk, sk),
+        data: data.to_vec(),
+        guard: guard.map(Guard::from_u128),
+        expires_at,
+    }
+}
+
+/// Runs every case. `clock` must be the clock the store was built with, set to a time the
+/// suite then moves forward.
+pub async fn run_all(store: Arc<dyn OnlineStore>, clock: &ManualClock, prefix: &str) {
+    clock.set(1_700_000_000_000);
+    round_trip(store.as_ref(), prefix).await;
+    not_exists(store.as_ref(), prefix).await;
+    guard_advances(store.as_ref(), prefix).await;
+    races(store.clone(), prefix).await;
+    query_ranges(store.as_ref(), prefix).await;
+    batches(store.as_ref(), prefix).await;
+    expiry(store.as_ref(), clock, prefix).await;
+    invalid_input(store.as_ref(), prefix).await;
+}
+
+async fn round_trip(s: &dyn OnlineStore, p: &str) {
+    let pk = format!("{p}-rt#u1");
+    assert_eq!(s.get(&ItemKey::new(&pk, "batch")).await.unwrap(), None);
+    let it = item(&pk, "batch", b"\x01states", Some(42), Some(1_900_000_000));
+    s.put(&it, Condition::Always).await.unwrap();
+    assert_eq!(s.get(&it.key).await.unwrap(), Some(it.clone()));
+    let it2 = item(&pk, "batch", b"", None, None);
+    s.put(&it2, Condition::Always).await.unwrap();
+    assert_eq!(
+        s.get(&it.key).await.unwrap(),
+        Some(it2),
+        "empty data, no guard, no ttl"
+    );
+    s.delete(&it.key).await.unwrap();
+    assert_eq!(s.get(&it.key).await.unwrap(), None);
+    s.delete(&it.key).await.unwrap(); // deleting an absent item is fine
+}
+
+async fn not_exists(s: &dyn OnlineStore, p: &str) {
+    let it = item(&format!("{p}-ne#u1"), "batch", b"first", None, None);
+    s.put(&it, Condition::NotExists).await.unwrap();
+    let again = item(&it.key.pk, "batch", b"second", None, None);
+    let e = s.put(&again, Condition::NotExists).await.unwrap_err();
+    assert!(matches!(e, StoreError::ConditionFailed { .. }), "{e}");
+    assert_eq!(s.get(&it.key).await.unwrap().unwrap().data, b"first");
+}
+
+async fn guard_advances(s: &dyn OnlineStore, p: &str) {
+    let pk = format!("{p}-ga#u1");
+    let w = |g: u128, d: &[u8]| item(&pk, "tile#0000000000000#shard-0", d, Some(g), None);
+    s.put(&w(5, b"5"), Condition::GuardAdvances).await.unwrap();
+    for stale in [3u128, 5] {
+        let e = s
+            .put(&w(stale, b"stale"), Condition::GuardAdvances)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, StoreError::ConditionFailed { .. }),
+            "guard {stale}: {e}"
+        );
+    }
+    // Numeric, not lexicographic: 10 > 9, and Kinesis-sized sequence numbers work.
+    s.put(&w(9, b"9"), Condition::GuardAdvances).await.unwrap();
+    s.put(&w(10, b"10"), Condition::GuardAdvances)
+        .await
+        .unwrap();
+    let big = Guard::new("49590338271490256608559692538361571095921575989136588898").unwrap();
+    let mut it = w(0, b"big");
+    it.guard = Some(big.clone());
+    s.put(&it, Condition::GuardAdvances).await.unwrap();
+    let got = s.get(&it.key).await.unwrap().unwrap();
+    assert_eq!(
+        (got.data.as_slice(), got.guard),
+        (b"big".as_slice(), Some(big))
+    );
+    let mut no_guard = w(0, b"x");
+    no_guard.guard = None;
+    assert!(matches!(
+        s.put(&no_guard, Condition::GuardAdvances).await,
+        Err(StoreError::InvalidInput(_))
+    ));
+}
+
+async fn races(s: Arc<dyn OnlineStore>, p: &str) {
+    // Eight writers race to create the same item: exactly one wins.
+    let key_pk = format!("{p}-race#u1");
+    let mut tasks = Vec::new();
+    for w in 0..8u8 {
+        let (s, pk) = (s.clone(), key_pk.clone());
+        tasks.push(tokio::spawn(async move {
+            s.put(&item(&pk, "batch", &[w], None, None), Condition::NotExists)
+                .await
+        }));
+    }
+    let mut wins = Vec::new();
+    for (w, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(()) => wins.push(w as u8),
+            Err(StoreError::ConditionFailed { .. }) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(wins.len(), 1, "exactly one writer must win, got {wins:?}");
+    assert_eq!(
+        s.get(&ItemKey::new(&key_pk, "batch"))
+            .await
+            .unwrap()
+            .unwrap()
+            .data,
+        wins
+    );
+    // Two guarded writers (a zombie with an old sequence number and the live one): whatever the
+    // order, the newest guard ends up stored.
+    for round in 0..5 {
+        let pk = format!("{p}-race2-{round}#u1");
+        let (a, b) = (s.clone(), s.clone());
+        let (pa, pb) = (pk.clone(), pk.clone());
+        let old = tokio::spawn(async move {
+            a.put(
+                &item(&pa, "t", b"old", Some(10), None),
+                Condition::GuardAdvances,
+            )
+            .await
+        });
+        let new = tokio::spawn(async move {
+            b.put(
+                &item(&pb, "t", b"new", Some(20), None),
+                Condition::GuardAdvances,
+            )
+            .await
+        });
+        let (ro, rn) = (old.await.unwrap(), new.await.unwrap());
+        rn.unwrap();
+        assert!(ro.is_ok() || matches!(ro, Err(StoreError::ConditionFailed { .. })));
+        let got = s.get(&ItemKey::new(&pk, "t")).await.unwrap().unwrap();
+        assert_eq!(
+            (got.data.as_slice(), got.guard),
+            (b"new".as_slice(), Some(Guard::from_u128(20)))
+        );
+    }
+}
+
+async fn query_ranges(s: &dyn OnlineStore, p: &str) {
+    let pk = ItemKey::partition(&format!("{p}-q"), "u1");
+    let other = ItemKey::partition(&format!("{p}-q"), "u10");
+    let mut items = vec![item(&pk, "batch", b"b", None, None)];
+    for t in [0i64, 300_000, 600_000, 900_000] {
+        for shard in ["shard-0", "shard-1"] {
+            let k = ItemKey::tile(&format!("{p}-q"), "u1", t, shard);
+            items.push(item(&k.pk, &k.sk, t.to_string().as_bytes(), None, None));
+        }
+    }
+    items.push(item(
+        &other,
+        "tile#0000000300000#shard-0",
+        b"other",
+        None,
+        None,
+    ));
+    s.batch_put(&items).await.unwrap();
+    let from = ItemKey::tile("x", "x", 300_000, "").sk;
+    let to = ItemKey::tile("x", "x", 900_000, "").sk;
+    let got = s.query(&pk, &from, &to).await.unwrap();
+    let sks: Vec<&str> = got.iter().map(|i| i.key.sk.as_str()).collect();
+    assert_eq!(
+        sks,
+        [
+            "tile#0000000300000#shard-0",
+            "tile#0000000300000#shard-1",
+            "tile#0000000600000#shard-0",
+            "tile#0000000600000#shard-1"
+        ]
+    );
+    // The serving lookup: the batch row and every tile, in one query.
+    let all = s.query(&pk, "batch", "tile#~").await.unwrap();
+    assert_eq!(all.len(), 9);
+    assert_eq!(all[0].key.sk, "batch");
+    assert!(s.query(&pk, "tile#9", "tile#1").await.unwrap().is_empty());
+}
+
+async fn batches(s: &dyn OnlineStore, p: &str) {
+    let items: Vec<Item> = (0..60)
+        .map(|i| {
+            item(
+                &format!("{p}-b#u{i}"),
+                "batch",
+                format!("v{i}").as_bytes(),
+                None,
+                None,
+            )
+        })
+        .collect();
+    let stats = s.batch_put(&items).await.unwrap();
+    assert_eq!(stats.items, 60);
+    // Idempotent: the same upload again changes nothing.
+    s.batch_put(&items).await.unwrap();
+    let mut keys: Vec<ItemKey> = items.iter().map(|i| i.key.clone()).collect();
+    keys.push(ItemKey::new(format!("{p}-b#missing"), "batch"));
+    keys.push(keys[3].clone());
+    let got = s.batch_get(&keys).await.unwrap();
+    assert_eq!(got.len(), 62);
+    for (i, g) in got.iter().take(60).enumerate() {
+        assert_eq!(g.as_ref().unwrap().data, format!("v{i}").as_bytes());
+    }
+    assert_eq!(got[60], None);
+    assert_eq!(got[61].as_ref().unwrap().data, b"v3");
+    // The same key twice in one batch: the last one wins.
+    let dup = vec![
+        item(&format!("{p}-b#d"), "batch", b"1", None, None),
+        item(&format!("{p}-b#d"), "batch", b"2", None, None),
+    ];
+    s.batch_put(&dup).await.unwrap();
+    assert_eq!(s.get(&dup[0].key).await.unwrap().unwrap().data, b"2");
+}
+
+async fn expiry(s: &dyn OnlineStore, clock: &ManualClock, p: &str) {
+    let now_s = 1_700_000_000;
+    clock.set(now_s * 1000);
+    let pk = format!("{p}-ttl#u1");
+    let live = item(&pk, "tile#0000000000000#s", b"live", None, Some(now_s + 10));
+    let forever = item(&pk, "tile#0000000300000#s", b"forever", None, None);
+    s.batch_put(&[live.clone(), forever.clone()]).await.unwrap();
+    assert_eq!(s.get(&live.key).await.unwrap(), Some(live.clone()));
+    assert_eq!(s.query(&pk, "tile#", "tile#~").await.unwrap().len(), 2);
+    clock.set((now_s + 10) * 1000);
+    assert_eq!(s.get(&live.key).await.unwrap(), None, "expired at its ttl");
+    assert_eq!(
+        s.batch_get(std::slice::from_ref(&live.key)).await.unwrap(),
+        vec![None]
+    );
+    assert_eq!(
+        s.query(&pk, "tile#", "tile#~").await.unwrap(),
+        vec![forever]
+    );
+    // An expired item does not block a create.
+    s.put(
+        &item(&pk, "tile#0000000000000#s", b"reborn", None, None),
+        Condition::NotExists,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.get(&live.key).await.unwrap().unwrap().data, b"reborn");
+}
+
+async fn invalid_input(s: &dyn OnlineStore, p: &str) {
+    let big = item(
+        &format!("{p}-big#u1"),
+        "batch",
+        &vec![0u8; crate::MAX_ITEM_BYTES],
+        None,
+        None,
+    );
+    assert!(matches!(
+        s.put(&big, Condition::Always).await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    assert!(matches!(
+        s.batch_put(&[big]).await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    let empty = item("", "batch", b"", None, None);
+    assert!(matches!(
+        s.put(&empty, Condition::Always).await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    assert!(Guard::new("12a").is_err());
+    assert!(Guard::new(&"9".repeat(65)).is_err());
+}
