@@ -98,6 +98,9 @@ down() {
       if kill -0 "$pid" 2>/dev/null; then
         pkill -TERM -P "$pid" 2>/dev/null || true
         kill -TERM "$pid" 2>/dev/null || true
+        local deadline=$((SECONDS + 10))
+        while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+        if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
         log "stopped $n (pid $pid)"
       fi
       rm -f "$STATE/$n.pid"
