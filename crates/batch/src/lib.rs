@@ -22,6 +22,8 @@ use lambda_core::decode::value_at;
 use lambda_core::hll::Hll;
 use lambda_core::sql::APPROX_DISTINCT_UDAF;
 
+pub mod states;
+
 /// A DataFusion session configured for lambda's SQL: strings stay `Utf8` (not `Utf8View`, so the
 /// output types are exactly the documented ones whatever the input format), and the lambda
 /// functions are registered.

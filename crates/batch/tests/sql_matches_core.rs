@@ -3,30 +3,19 @@
 //! shipped views over generated events and for a synthetic view using every function on every
 //! type. Also: DataFusion's `date_bin` agrees with `time::tile_start`.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::Arc;
 
+use common::{all_functions_view, examples, generated, rows_of, synthetic};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::datasource::MemTable;
-use lambda_core::decode::{BatchBuilder, arrow_schema, decode_lines, value_at};
+use lambda_core::decode::arrow_schema;
 use lambda_core::time::{Span, served_range, tile_start};
-use lambda_core::{AggFunction, ColumnType, FeatureView, Value, sql};
-use lambda_gen::{GenConfig, Rng, generate};
+use lambda_core::{FeatureView, Value, sql};
 
 type Features = BTreeMap<String, Vec<Value>>;
-
-fn rows_of(batch: &RecordBatch) -> Vec<Vec<Value>> {
-    (0..batch.num_rows())
-        .map(|r| {
-            batch
-                .columns()
-                .iter()
-                .map(|c| value_at(c.as_ref(), r).unwrap())
-                .collect()
-        })
-        .collect()
-}
 
 /// The reference: the core states over the same events, deduplicated by event id.
 fn reference(view: &FeatureView, rows: &[Vec<Value>], as_of: i64) -> Features {
@@ -158,32 +147,6 @@ async fn assert_sql_matches_core(view: &FeatureView, batch: RecordBatch, as_of: 
     compared
 }
 
-fn examples() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fraud")
-}
-
-/// Small generated data set (JSON stream, decoded by the core decoder; malformed lines dropped).
-fn generated(view: &FeatureView) -> (RecordBatch, i64) {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = GenConfig {
-        events: 40_000,
-        days: 3,
-        users: 150,
-        seed: 7,
-        ..GenConfig::default()
-    };
-    let s = generate(&cfg, dir.path(), |_| {}).unwrap();
-    assert!(s.duplicates > 0 && s.malformed > 0);
-    let text = std::fs::read(dir.path().join("stream/events.jsonl")).unwrap();
-    let (batch, bad) = decode_lines(&view.source, &text).unwrap();
-    assert_eq!(
-        bad.len() as u64,
-        s.malformed,
-        "exactly the malformed lines fail to decode"
-    );
-    (batch, cfg.end_ms)
-}
-
 #[tokio::test]
 async fn fraud_view_sql_matches_core() {
     let view = FeatureView::load(examples().join("features.toml")).unwrap();
@@ -200,97 +163,6 @@ async fn product_view_sql_matches_core_including_the_sketch() {
     let view = FeatureView::load(examples().join("product_views.toml")).unwrap();
     let (batch, end) = generated(&view);
     assert_sql_matches_core(&view, batch, end).await;
-}
-
-/// A view with every function on every type it accepts, half of them filtered.
-fn all_functions_view() -> FeatureView {
-    let cols = [
-        ("i", "int64"),
-        ("f", "float64"),
-        ("d", "decimal(12,3)"),
-        ("s", "string"),
-        ("b", "bool"),
-        ("t", "timestamp"),
-    ];
-    let mut text = String::from(
-        "name = \"all\"\nwindows = [\"5m\", \"1h\", \"1d\", \"30d\"]\n[source]\nname = \"events\"\nentity = \"user\"\nevent-time = \"ts\"\nevent-id = \"id\"\ncolumns = [\n  { name = \"id\", type = \"string\" },\n  { name = \"user\", type = \"string\" },\n",
-    );
-    for (c, t) in cols {
-        text.push_str(&format!(
-            "  {{ name = \"{c}\", type = \"{t}\", nullable = true }},\n"
-        ));
-    }
-    text.push_str("  { name = \"ts\", type = \"timestamp\" },\n]\n");
-    text.push_str("[[aggregation]]\nname = \"rows\"\nfunction = \"count\"\n");
-    let mut n = 0;
-    for f in AggFunction::ALL {
-        for (c, t) in cols {
-            if f.output_type(Some(ColumnType::parse(t).unwrap())).is_err() {
-                continue;
-            }
-            n += 1;
-            text.push_str(&format!(
-                "[[aggregation]]\nname = \"{f}_{c}\"\nfunction = \"{f}\"\ninput = \"{c}\"\n"
-            ));
-            if n % 2 == 0 {
-                text.push_str("filter = \"b OR i > 0 OR s IN ('a', 'b')\"\n");
-            }
-        }
-    }
-    FeatureView::parse(&text, Path::new("all.toml")).unwrap()
-}
-
-fn synthetic(view: &FeatureView, n: usize, start: i64, span: i64) -> RecordBatch {
-    let mut rng = Rng::new(99);
-    let mut b = BatchBuilder::new(&view.source);
-    let mut prev: Option<Vec<Value>> = None;
-    for k in 0..n {
-        if k % 50 == 49
-            && let Some(p) = &prev
-        {
-            b.push(p); // a delivered-twice event: identical row, same id
-            continue;
-        }
-        let null = |rng: &mut Rng| rng.below(8) == 0;
-        let row = vec![
-            Value::Str(format!("id{k}")),
-            Value::Str(format!("user{}", rng.below(12))),
-            if null(&mut rng) {
-                Value::Null
-            } else {
-                Value::Int(rng.below(2_000) as i64 - 1_000)
-            },
-            if null(&mut rng) {
-                Value::Null
-            } else {
-                Value::Float(rng.normal() * 1e3)
-            },
-            if null(&mut rng) {
-                Value::Null
-            } else {
-                Value::Decimal(rng.below(2_000_000) as i128 - 1_000_000)
-            },
-            if null(&mut rng) {
-                Value::Null
-            } else {
-                Value::Str(["a", "b", "c", "dd", ""][rng.below(5) as usize].into())
-            },
-            if null(&mut rng) {
-                Value::Null
-            } else {
-                Value::Bool(rng.below(2) == 0)
-            },
-            if null(&mut rng) {
-                Value::Null
-            } else {
-                Value::Timestamp(rng.below(1 << 40) as i64)
-            },
-            Value::Timestamp(start + rng.below(span as u64) as i64),
-        ];
-        b.push(&row);
-        prev = Some(row);
-    }
-    b.finish().unwrap()
 }
 
 #[tokio::test]

@@ -125,3 +125,55 @@ pub fn features_as_of(view: &FeatureView, table: &str, as_of_ms: i64) -> String 
         events = dedup_events(view, table, earliest, as_of_ms),
     )
 }
+
+/// Per-(entity, bucket) partial states of every aggregation over events in `[start, end)`,
+/// buckets of `width` aligned like tiles. Columns: `entity`, `bucket` (timestamp), then one
+/// `Binary` column per aggregation (the core encoding of its state), named after it. Needs the
+/// state functions `lambda_state_<view>_<aggregation>` (registered by `lambda-batch`).
+pub fn partial_states(
+    view: &FeatureView,
+    table: &str,
+    width: Span,
+    start_ms: i64,
+    end_ms: i64,
+) -> String {
+    let ts = quote_ident(&view.source.columns[view.source.event_time].name);
+    let id = quote_ident(&view.source.columns[view.source.event_id].name);
+    let entity = quote_ident(&view.entity_column().name);
+    let bucket = tile_expr(view, width);
+    let cols = view.source.name_types();
+    let mut select = vec![
+        format!("{entity} AS \"entity\""),
+        format!("{bucket} AS \"bucket\""),
+    ];
+    for a in &view.aggregations {
+        let agg = &a.aggregation;
+        let mut args: Vec<String> = agg
+            .input
+            .map(|i| quote_ident(&view.source.columns[i].name))
+            .into_iter()
+            .collect();
+        args.push(ts.clone());
+        args.push(id.clone());
+        let call = format!(
+            "lambda_state_{}_{}({})",
+            view.name,
+            agg.name,
+            args.join(", ")
+        );
+        let call = match &agg.filter {
+            Some(f) => format!("{call} FILTER (WHERE {})", f.to_sql(&cols)),
+            None => call,
+        };
+        select.push(format!("{call} AS {}", quote_ident(&agg.name)));
+    }
+    format!(
+        "-- partial states of view `{view}` per entity and {width} bucket, events in [{start}, {end})\n\
+         SELECT\n  {cols}\nFROM (\n  {events}\n) AS events\nGROUP BY {entity}, {bucket}",
+        view = view.name,
+        start = format_ts(start_ms),
+        end = format_ts(end_ms),
+        cols = select.join(",\n  "),
+        events = dedup_events(view, table, start_ms, end_ms),
+    )
+}
