@@ -14,6 +14,7 @@ pub mod codec;
 pub mod decode;
 pub mod filter;
 pub mod hll;
+pub mod merge;
 pub mod spec;
 pub mod sql;
 pub mod time;

@@ -1,0 +1,211 @@
+//! The serving rule: a batch row built from the events before the cutoff, merged with speed tiles
+//! of the events after it, gives at every time t exactly the features computed directly over each
+//! served window — for every t in the day after the cutoff, and for windows of every hop.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use lambda_core::agg::{empty_states, update_all};
+use lambda_core::merge::{BatchRow, Partial, Tier, Tile, features_at, tier_reach};
+use lambda_core::time::{DAY_MS, MINUTE_MS, served_range, tile_start};
+use lambda_core::{FeatureView, Value};
+
+fn view() -> FeatureView {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fraud/features.toml"),
+    )
+    .unwrap();
+    // Add windows of every hop tier: 5m, 11h (5-min hop), 12h, 1d (1-hour hop), 12d, 30d (1-day hop).
+    let text = text.replace(
+        r#"windows = ["5m", "1h", "1d", "30d", "90d"]"#,
+        r#"windows = ["5m", "11h", "12h", "1d", "12d", "30d"]"#,
+    );
+    FeatureView::parse(&text, Path::new("features.toml")).unwrap()
+}
+
+struct Ev {
+    row: Vec<Value>,
+    ts: i64,
+    id: String,
+}
+
+fn events(view: &FeatureView, from: i64, to: i64, n: usize) -> Vec<Ev> {
+    let mut x: u64 = 12345;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..n)
+        .map(|i| {
+            let ts = from + (next() % (to - from) as u64) as i64;
+            let kind = if next() % 4 == 0 { "view" } else { "purchase" };
+            let row = vec![
+                Value::Str(format!("e{i}")),
+                Value::Str("u1".into()),
+                if next() % 10 == 0 {
+                    Value::Null
+                } else {
+                    Value::Str(format!("m{}", next() % 7))
+                },
+                Value::Str("p1".into()),
+                Value::Str(kind.into()),
+                Value::Decimal((next() % 100_000) as i128),
+                Value::Bool(true),
+                Value::Timestamp(ts),
+            ];
+            assert_eq!(row.len(), view.source.columns.len());
+            Ev {
+                row,
+                ts,
+                id: format!("e{i}"),
+            }
+        })
+        .collect()
+}
+
+fn batch_row(view: &FeatureView, evs: &[Ev], cutoff: i64) -> BatchRow {
+    let aggs = view.aggs();
+    let mut buckets: BTreeMap<(Tier, i64), Vec<_>> = BTreeMap::new();
+    for tier in Tier::ALL {
+        let reach = tier_reach(view, tier).millis();
+        let width = tier.width(view);
+        for e in evs
+            .iter()
+            .filter(|e| e.ts < cutoff && e.ts >= cutoff - reach)
+        {
+            let s = buckets
+                .entry((tier, tile_start(e.ts, width)))
+                .or_insert_with(|| empty_states(&aggs));
+            update_all(&aggs, s, &e.row, e.ts, &e.id);
+        }
+    }
+    let row = BatchRow {
+        cutoff_ms: cutoff,
+        partials: buckets
+            .into_iter()
+            .map(|((tier, start_ms), states)| Partial {
+                tier,
+                start_ms,
+                states,
+            })
+            .collect(),
+    };
+    // The row survives its encoding.
+    assert_eq!(BatchRow::decode(&aggs, &row.encode(&aggs)).unwrap(), row);
+    row
+}
+
+fn tiles(view: &FeatureView, evs: &[Ev], from: i64) -> Vec<Tile> {
+    let aggs = view.aggs();
+    let mut m: BTreeMap<i64, Vec<_>> = BTreeMap::new();
+    for e in evs.iter().filter(|e| e.ts >= from) {
+        let s = m
+            .entry(tile_start(e.ts, view.speed.tile))
+            .or_insert_with(|| empty_states(&aggs));
+        update_all(&aggs, s, &e.row, e.ts, &e.id);
+    }
+    m.into_iter()
+        .map(|(start_ms, states)| Tile { start_ms, states })
+        .collect()
+}
+
+fn direct(view: &FeatureView, evs: &[Ev], t: i64) -> Vec<Value> {
+    let aggs = view.aggs();
+    view.features()
+        .iter()
+        .map(|f| {
+            let a = &aggs[f.aggregation];
+            let (s, e) = served_range(t, f.window);
+            let mut st = a.empty();
+            for ev in evs.iter().filter(|ev| ev.ts >= s && ev.ts < e) {
+                a.update(&mut st, &ev.row, ev.ts, &ev.id);
+            }
+            a.finalize(&st).unwrap()
+        })
+        .collect()
+}
+
+fn same(a: &[Value], b: &[Value]) -> bool {
+    a.iter().zip(b).all(|(x, y)| match (x, y) {
+        (Value::Float(p), Value::Float(q)) => (p - q).abs() <= 1e-9 * p.abs().max(q.abs()).max(1.0),
+        _ => x == y,
+    })
+}
+
+#[test]
+fn batch_row_plus_tiles_equals_direct_aggregation_all_day_after_the_cutoff() {
+    let v = view();
+    let cutoff = 200 * DAY_MS;
+    let evs = events(&v, cutoff - 40 * DAY_MS, cutoff + DAY_MS, 20_000);
+    let row = batch_row(&v, &evs, cutoff);
+    let speed = tiles(&v, &evs, cutoff);
+    let mut checked = 0;
+    // Every 7 minutes + 13 s through the day after the cutoff, plus the cutoff itself.
+    let mut t = cutoff;
+    while t < cutoff + DAY_MS {
+        let now: Vec<Ev> = evs
+            .iter()
+            .filter(|e| e.ts < t)
+            .map(|e| Ev {
+                row: e.row.clone(),
+                ts: e.ts,
+                id: e.id.clone(),
+            })
+            .collect();
+        let tiles_now: Vec<Tile> = speed.iter().filter(|x| x.start_ms < t).cloned().collect();
+        // Tiles hold only events already seen at t (the tile containing t is partial).
+        let tiles_now = if tiles_now
+            .last()
+            .is_some_and(|x| x.start_ms + v.speed.tile.millis() > t)
+        {
+            let mut ts = tiles(&v, &now, cutoff);
+            ts.retain(|x| x.start_ms < t);
+            ts
+        } else {
+            tiles_now
+        };
+        let served = features_at(&v, Some(&row), &tiles_now, t).unwrap();
+        let want = direct(&v, &now, t);
+        assert!(
+            same(&served, &want),
+            "t = cutoff + {} min\nserved {served:?}\nwant   {want:?}",
+            (t - cutoff) / MINUTE_MS
+        );
+        checked += 1;
+        t += 7 * MINUTE_MS + 13_000;
+    }
+    assert!(checked > 190);
+}
+
+#[test]
+fn without_a_batch_row_tiles_alone_serve_and_stale_tiles_before_the_cutoff_are_ignored() {
+    let v = view();
+    let cutoff = 200 * DAY_MS;
+    let evs = events(&v, cutoff - 2 * DAY_MS, cutoff + 3 * 3_600_000, 3_000);
+    let t = cutoff + 2 * 3_600_000 + 17 * MINUTE_MS;
+    let now: Vec<Ev> = evs
+        .iter()
+        .filter(|e| e.ts < t)
+        .map(|e| Ev {
+            row: e.row.clone(),
+            ts: e.ts,
+            id: e.id.clone(),
+        })
+        .collect();
+    let all_tiles = tiles(&v, &now, i64::MIN);
+    // No batch row: tiles only, covering only the windows' reach that tiles exist for.
+    let served = features_at(&v, None, &all_tiles, t).unwrap();
+    assert!(same(&served, &direct(&v, &now, t)));
+    // With a row, tiles before the cutoff (here: a wrong, "speed-layer" version) are ignored.
+    let row = batch_row(&v, &now, cutoff);
+    let mut corrupted = all_tiles.clone();
+    for tile in corrupted.iter_mut().filter(|x| x.start_ms < cutoff) {
+        tile.states = lambda_core::agg::empty_states(&v.aggs());
+    }
+    assert!(same(
+        &features_at(&v, Some(&row), &corrupted, t).unwrap(),
+        &direct(&v, &now, t)
+    ));
+}
