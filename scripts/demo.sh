@@ -29,10 +29,24 @@ step "3. The batch SQL generated from the definition (as of the end of the data)
 head -n 8 "$dir/fraud_user.sql"
 echo "  … ($(wc -l < "$dir/fraud_user.sql") lines in $dir/fraud_user.sql)"
 
-step "4. What is not built yet"
+step "4. The nightly batch job (embedded default: local Parquet in, redb online store out)"
+rm -rf "$dir/offline" "$dir/online.redb"
+"$bin/lambda-batch" run --view examples/fraud/features.toml --history "$dir/history" \
+  --offline "$dir/offline" --store "$dir/online.redb" --cutoff 2026-01-01 --row-ttl-days 3650
+echo "offline store:"; find "$dir/offline" -name '*.parquet' | sed 's|/part-0.parquet||' | sort | tail -3
+
+step "5. An incremental night: only the new day is read"
+"$bin/lambda-batch" run --view examples/fraud/features.toml --history "$dir/history" \
+  --offline "$dir/offline" --store "$dir/online.redb" --cutoff 2026-01-01 --row-ttl-days 3650
+
+step "6. The batch view of a few users (features at the cutoff, from their batch rows)"
+"$bin/lambda-batch" show --view examples/fraud/features.toml --store "$dir/online.redb" \
+  --entity u0000000 --entity u0000001
+
+step "7. What is not built yet"
 for b in lambda-speed lambda-serve lambda-parity; do
   "$bin/$b" >/dev/null 2>&1 && echo "$b: unexpectedly succeeded" || echo "$b: not built yet (exits non-zero, as it should)"
 done
-"$bin/lambda-batch" run >/dev/null 2>&1 || echo "lambda-batch run: not built yet"
+"$bin/lambda-batch" schedule >/dev/null 2>&1 || echo "lambda-batch schedule: not built yet"
 
 step "Done. Data in $dir; rerun with DEMO_EVENTS=10000000 for the full-size data set."

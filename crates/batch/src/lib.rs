@@ -22,6 +22,7 @@ use lambda_core::decode::value_at;
 use lambda_core::hll::Hll;
 use lambda_core::sql::APPROX_DISTINCT_UDAF;
 
+pub mod job;
 pub mod states;
 
 /// A DataFusion session configured for lambda's SQL: strings stay `Utf8` (not `Utf8View`, so the

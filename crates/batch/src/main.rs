@@ -42,8 +42,25 @@ enum Command {
         #[arg(long)]
         view: PathBuf,
     },
-    /// Run the nightly batch job (not built yet).
-    Run,
+    /// Run the batch job for one cutoff: partial states of the new days (incremental), the offline
+    /// store, and one batch row per entity uploaded to the online store.
+    ///
+    /// Example (embedded default): lambda-batch run --view examples/fraud/features.toml
+    ///   --history data/demo/history --offline data/demo/offline --store data/demo/online.redb
+    ///   --cutoff 2026-01-01
+    Run(RunArgs),
+    /// Print entities' batch view: the features their stored batch row gives at its cutoff.
+    Show {
+        /// The feature definition (TOML).
+        #[arg(long)]
+        view: PathBuf,
+        /// The online store (a redb file path).
+        #[arg(long, default_value = "data/online.redb")]
+        store: PathBuf,
+        /// Entities to show (repeatable).
+        #[arg(long = "entity", required = true)]
+        entities: Vec<String>,
+    },
     /// Run the cron schedules in schedules/ (not built yet).
     Schedule,
 }
@@ -56,6 +73,38 @@ fn print_stdout(text: &str) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         other => Ok(other?),
     }
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The feature definition (TOML).
+    #[arg(long)]
+    view: PathBuf,
+    /// The Parquet history: a directory (or file:// URL) of `date=YYYY-MM-DD/` partitions.
+    /// Default: the view's `batch.history`.
+    #[arg(long)]
+    history: Option<String>,
+    /// The offline store directory (partial states and finalized features, Parquet).
+    #[arg(long, default_value = "data/offline")]
+    offline: PathBuf,
+    /// The online store: a redb file path (embedded default) or `dynamodb://TABLE`.
+    #[arg(long, default_value = "data/online.redb")]
+    store: String,
+    /// AWS region for `dynamodb://` stores.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    region: String,
+    /// Custom DynamoDB endpoint (an emulator such as DynamoDB Local); unset for AWS.
+    #[arg(long, env = "AWS_ENDPOINT_URL_DYNAMODB")]
+    endpoint: Option<String>,
+    /// The cutoff, a UTC date (events before its midnight are included); default: the last midnight.
+    #[arg(long)]
+    cutoff: Option<String>,
+    /// Recompute every day's partial states instead of reusing the stored ones.
+    #[arg(long)]
+    full: bool,
+    /// Days a batch row stays in the online store after its cutoff (its TTL).
+    #[arg(long, default_value_t = 7)]
+    row_ttl_days: i64,
 }
 
 fn main() -> ExitCode {
@@ -114,11 +163,162 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run | Command::Schedule => {
+        Command::Run(args) => run_job(args),
+        Command::Show {
+            view,
+            store,
+            entities,
+        } => show(view, store, entities),
+        Command::Schedule => {
             eprintln!(
                 "lambda-batch: this command is not built yet (see the batch-layer issue); nothing was run"
             );
             Ok(ExitCode::from(2))
         }
     }
+}
+
+fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    use std::sync::Arc;
+
+    use lambda_batch::job::{Progress, RunOptions, run};
+    use lambda_store::OnlineStore;
+
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let view = FeatureView::load(&args.view)?;
+    let history = args
+        .history
+        .clone()
+        .unwrap_or_else(|| view.batch.history.clone());
+    let history = match history.strip_prefix("file://") {
+        Some(p) => PathBuf::from(p),
+        None if history.starts_with("s3://") => anyhow::bail!(
+            "--history {history}: S3 history is not supported by this build yet (use a local directory)"
+        ),
+        None => PathBuf::from(history),
+    };
+    let cutoff_ms = match &args.cutoff {
+        Some(d) => {
+            chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d")
+                .with_context(|| format!("--cutoff `{d}` is not a date like 2026-01-01"))?
+                .and_hms_opt(0, 0, 0)
+                .context("midnight")?
+                .and_utc()
+                .timestamp_millis()
+                + view.batch.cutoff_offset.millis()
+        }
+        None => {
+            last_midnight(chrono::Utc::now().timestamp_millis()) + view.batch.cutoff_offset.millis()
+        }
+    };
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async {
+        let store: Arc<dyn OnlineStore> = match args.store.strip_prefix("dynamodb://") {
+            Some(table) => {
+                let mut cfg = lambda_store::dynamo::DynamoConfig::new(table, &args.region);
+                cfg.endpoint = args.endpoint.clone();
+                let s = lambda_store::dynamo::DynamoStore::connect(cfg).await;
+                s.healthcheck().await.with_context(|| format!("checking the online store {}", args.store))?;
+                Arc::new(s)
+            }
+            None => Arc::new(lambda_store::embedded::EmbeddedStore::open(&args.store)?),
+        };
+        let opts = RunOptions {
+            view: view.clone(),
+            history,
+            offline: args.offline.clone(),
+            cutoff_ms,
+            full: args.full,
+            row_ttl_days: args.row_ttl_days,
+        };
+        let started = std::time::Instant::now();
+        let tty = std::io::stderr().is_terminal();
+        let summary = run(&opts, store.as_ref(), |p| {
+            let line = match p {
+                Progress::Day { date, rows, bytes, done, total } => format!(
+                    "[{done}/{total}] computed {date}: {rows} rows, {:.1} MB of history read so far",
+                    bytes as f64 / 1e6
+                ),
+                Progress::Upload { done, total } => format!("uploading batch rows: {done}/{total}"),
+            };
+            if tty {
+                eprint!("\r\x1b[2K{line}");
+            } else {
+                eprintln!("{line}");
+            }
+        })
+        .await?;
+        if tty {
+            eprintln!();
+        }
+        println!(
+            "view {} cutoff {}: {} entities, {} days computed, {} reused, {} rows / {:.1} MB read, {:.1} MB of batch rows, {:.1} s",
+            view.name,
+            format_ts(cutoff_ms),
+            summary.entities,
+            summary.days_computed,
+            summary.days_reused,
+            summary.rows_in,
+            summary.bytes_in as f64 / 1e6,
+            summary.row_bytes as f64 / 1e6,
+            started.elapsed().as_secs_f64()
+        );
+        Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
+    })
+}
+
+fn show(view: PathBuf, store: PathBuf, entities: Vec<String>) -> anyhow::Result<ExitCode> {
+    use lambda_core::merge::{BatchRow, features_at};
+    use lambda_store::{ItemKey, OnlineStore};
+
+    let v = FeatureView::load(&view)?;
+    let aggs = v.aggs();
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let s = lambda_store::embedded::EmbeddedStore::open(&store)?;
+    let keys: Vec<ItemKey> = entities
+        .iter()
+        .map(|e| ItemKey::batch(&v.name, e))
+        .collect();
+    let items = rt.block_on(s.batch_get(&keys))?;
+    let mut missing = false;
+    for (e, item) in entities.iter().zip(items) {
+        let Some(item) = item else {
+            println!("{e}: no batch row");
+            missing = true;
+            continue;
+        };
+        let row = BatchRow::decode(&aggs, &item.data)?;
+        let values = features_at(&v, Some(&row), &[], row.cutoff_ms)?;
+        println!(
+            "{e} (batch row: cutoff {}, {} partials, {} bytes)",
+            format_ts(row.cutoff_ms),
+            row.partials.len(),
+            item.data.len()
+        );
+        for (f, val) in v.features().iter().zip(values) {
+            let shown = match (&val, v.aggregations[f.aggregation].aggregation.output_type) {
+                (
+                    lambda_core::Value::Decimal(d),
+                    lambda_core::ColumnType::Decimal { scale, .. },
+                ) => lambda_core::types::format_decimal(*d, scale),
+                (lambda_core::Value::Null, _) => "NULL".into(),
+                (lambda_core::Value::Int(i), _) => i.to_string(),
+                (lambda_core::Value::Float(x), _) => format!("{x:.4}"),
+                (lambda_core::Value::Str(x), _) => x.clone(),
+                (other, _) => format!("{other:?}"),
+            };
+            println!("  {:<26} {shown}", f.name);
+        }
+    }
+    Ok(if missing {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -58,6 +58,14 @@ impl Tier {
             Tier::Day
         }
     }
+    /// The tier's name in paths (`tile`, `hour`, `day`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Tile => "tile",
+            Tier::Hour => "hour",
+            Tier::Day => "day",
+        }
+    }
     fn tag(self) -> u8 {
         match self {
             Tier::Tile => 0,
@@ -108,6 +116,21 @@ impl BatchRow {
             w.u8(p.tier.tag());
             w.i64(p.start_ms);
             w.bytes(&encode_states(aggs, &p.states));
+        }
+        w.buf
+    }
+
+    /// Encodes a row from already-encoded state blobs (as stored in the offline store), sorted by
+    /// (tier, start); the same bytes as [`BatchRow::encode`] of the decoded partials.
+    pub fn encode_raw(cutoff_ms: i64, parts: &[(Tier, i64, &[u8])]) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(BATCH_ROW_VERSION);
+        w.i64(cutoff_ms);
+        w.u64(parts.len() as u64);
+        for (tier, start, blob) in parts {
+            w.u8(tier.tag());
+            w.i64(*start);
+            w.bytes(blob);
         }
         w.buf
     }

@@ -1,0 +1,605 @@
+//! The nightly batch job: Parquet history → per-day partial states (offline store) → one batch
+//! row per entity (online store).
+//!
+//! * **Partial states** are computed by DataFusion with the core state functions
+//!   ([`crate::states`]) per (entity, bucket), one history partition (`date=YYYY-MM-DD`) at a time,
+//!   so only the days the job needs are read. Day-tier partials are kept for the longest
+//!   1-day-hop window, hour-tier for the longest 1-hour-hop window; tile-tier partials (windows
+//!   under 12 h) are recomputed each run for the hours before the cutoff.
+//! * **Incremental**: a day's partials, once written, are reused by later runs (the manifest lists
+//!   them); `full` recomputes them all. Both produce the same rows.
+//! * **Offline store** layout: `<offline>/<view>/partials/tier=<day|hour>/date=<D>/part-0.parquet`
+//!   (columns `entity`, `start`, `states`) and `<offline>/<view>/features/cutoff=<D>/part-0.parquet`
+//!   (entity and every finalized feature as of the cutoff). Every file is written to a temporary
+//!   name and renamed into place, so a crash never leaves a partial file visible as complete.
+//! * **Online store**: one item per entity (`batch` sort key) holding its [`BatchRow`] with the
+//!   cutoff inside, uploaded with `batch_put`: rerunning a night writes the same bytes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, BinaryArray, BinaryBuilder, RecordBatch, StringBuilder,
+    TimestampMillisecondBuilder,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use datafusion::prelude::SessionContext;
+use lambda_core::decode::{arrow_schema, value_at};
+use lambda_core::merge::{BatchRow, Tier, features_at, tier_reach};
+use lambda_core::time::{DAY_MS, format_ts, tile_start};
+use lambda_core::{FeatureView, Value, sql};
+use lambda_store::{Item, ItemKey, OnlineStore, StoreError};
+
+use crate::states::register_state_functions;
+
+/// Errors of the batch job, each naming what and where.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// A history or offline file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A Parquet file does not have the view's source schema.
+    #[error("{path}: wrong schema: {message}")]
+    Schema {
+        /// The file.
+        path: PathBuf,
+        /// What differs.
+        message: String,
+    },
+    /// A Parquet file is corrupt or unreadable.
+    #[error("{path}: cannot read Parquet: {message}")]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// The reader's message.
+        message: String,
+    },
+    /// DataFusion failed while running a query.
+    #[error("query for {what} failed: {source}")]
+    Query {
+        /// Which step.
+        what: String,
+        /// The cause.
+        #[source]
+        source: datafusion::error::DataFusionError,
+    },
+    /// The online store failed.
+    #[error("uploading batch rows: {0}")]
+    Store(#[from] StoreError),
+    /// A feature could not be finalized (overflow).
+    #[error("finalizing features: {0}")]
+    Aggregation(#[from] lambda_core::agg::AggError),
+    /// Unsupported option.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The feature view.
+    pub view: FeatureView,
+    /// Directory of the Parquet history (`date=YYYY-MM-DD/*.parquet`).
+    pub history: PathBuf,
+    /// Directory of the offline store.
+    pub offline: PathBuf,
+    /// Events before this instant are included (normally midnight UTC).
+    pub cutoff_ms: i64,
+    /// Recompute every partial instead of reusing stored ones.
+    pub full: bool,
+    /// Days a batch row stays valid in the online store (its TTL) after the cutoff.
+    pub row_ttl_days: i64,
+}
+
+/// Progress of a run, for a terminal display or logs.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// A day's partials were computed.
+    Day {
+        /// The day.
+        date: String,
+        /// Rows and bytes of history read.
+        rows: u64,
+        /// Bytes of history read.
+        bytes: u64,
+        /// Days done and to do.
+        done: usize,
+        /// Total days to compute.
+        total: usize,
+    },
+    /// Batch rows are being uploaded.
+    Upload {
+        /// Rows uploaded so far.
+        done: usize,
+        /// Total.
+        total: usize,
+    },
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Days of history whose partials were computed this run.
+    pub days_computed: usize,
+    /// Days whose stored partials were reused.
+    pub days_reused: usize,
+    /// History rows read.
+    pub rows_in: u64,
+    /// History bytes read (Parquet file sizes).
+    pub bytes_in: u64,
+    /// Entities with a batch row.
+    pub entities: usize,
+    /// Bytes of batch rows uploaded.
+    pub row_bytes: u64,
+}
+
+/// Per entity: (tier, bucket start, encoded states) of every partial its batch row needs.
+type EntityPartials = BTreeMap<String, Vec<(Tier, i64, Vec<u8>)>>;
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> BatchError + '_ {
+    move |source| BatchError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn date_of(day_ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(day_ms)
+        .map(|d| d.format("%Y-%m-%d").to_string())
+        .unwrap_or_default()
+}
+
+fn partial_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("entity", DataType::Utf8, false),
+        Field::new(
+            "start",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("states", DataType::Binary, false),
+    ]))
+}
+
+/// Writes batches to `path` atomically (temporary file, then rename).
+fn write_parquet(
+    path: &Path,
+    schema: SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<u64, BatchError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let tmp = dir.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("part")
+    ));
+    let file = fs::File::create(&tmp).map_err(io(&tmp))?;
+    let perr = |e: datafusion::parquet::errors::ParquetError| BatchError::Parquet {
+        path: tmp.clone(),
+        message: e.to_string(),
+    };
+    let mut w = ArrowWriter::try_new(file, schema, None).map_err(perr)?;
+    for b in batches {
+        w.write(b).map_err(perr)?;
+    }
+    w.close().map_err(perr)?;
+    fs::rename(&tmp, path).map_err(io(path))?;
+    Ok(fs::metadata(path).map(|m| m.len()).unwrap_or(0))
+}
+
+/// Checks every Parquet file of a history partition has the source schema; returns (files, rows, bytes).
+fn check_partition(view: &FeatureView, dir: &Path) -> Result<(Vec<PathBuf>, u64, u64), BatchError> {
+    let want = arrow_schema(&view.source);
+    let mut files = Vec::new();
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .map_err(io(dir))?
+        .collect::<Result<_, _>>()
+        .map_err(io(dir))?;
+    entries.sort_by_key(|e| e.path());
+    for e in entries {
+        let p = e.path();
+        if p.extension().and_then(|x| x.to_str()) != Some("parquet") {
+            continue;
+        }
+        let f = fs::File::open(&p).map_err(io(&p))?;
+        let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| BatchError::Parquet {
+            path: p.clone(),
+            message: e.to_string(),
+        })?;
+        let got = b.schema();
+        for field in want.fields() {
+            match got.field_with_name(field.name()) {
+                Err(_) => {
+                    return Err(BatchError::Schema {
+                        path: p,
+                        message: format!("column `{}` is missing", field.name()),
+                    });
+                }
+                Ok(g) if g.data_type() != field.data_type() => {
+                    return Err(BatchError::Schema {
+                        path: p,
+                        message: format!(
+                            "column `{}` is {}, expected {}",
+                            field.name(),
+                            g.data_type(),
+                            field.data_type()
+                        ),
+                    });
+                }
+                Ok(_) => {}
+            }
+        }
+        rows += b.metadata().file_metadata().num_rows() as u64;
+        bytes += fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        files.push(p);
+    }
+    Ok((files, rows, bytes))
+}
+
+/// Runs the partial-state query of one day for `tiers`, returning per tier the rows
+/// (entity, bucket start, states blob).
+async fn day_partials(
+    ctx: &SessionContext,
+    view: &FeatureView,
+    dir: &Path,
+    day: i64,
+    tiers: &[(Tier, i64, i64)],
+) -> Result<BTreeMap<Tier, Vec<RecordBatch>>, BatchError> {
+    let table = view.source.name.clone();
+    let url = ListingTableUrl::parse(format!("file://{}/", dir.display())).map_err(|source| {
+        BatchError::Query {
+            what: format!("history {}", dir.display()),
+            source,
+        }
+    })?;
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let config = ListingTableConfig::new(url)
+        .with_listing_options(options)
+        .with_schema(arrow_schema(&view.source));
+    let listing = ListingTable::try_new(config).map_err(|source| BatchError::Query {
+        what: format!("history {}", dir.display()),
+        source,
+    })?;
+    ctx.deregister_table(table.as_str()).ok();
+    ctx.register_table(table.as_str(), Arc::new(listing))
+        .map_err(|source| BatchError::Query {
+            what: "registering the history".into(),
+            source,
+        })?;
+    let mut out = BTreeMap::new();
+    for (tier, from, to) in tiers {
+        let (from, to) = ((*from).max(day), (*to).min(day + DAY_MS));
+        if from >= to {
+            continue;
+        }
+        let text = sql::partial_states(view, &table, tier.width(view), from, to);
+        let what = format!("{} partials of {}", tier.name(), date_of(day));
+        let df = ctx.sql(&text).await.map_err(|source| BatchError::Query {
+            what: what.clone(),
+            source,
+        })?;
+        let batches = df.collect().await.map_err(|source| BatchError::Query {
+            what: what.clone(),
+            source,
+        })?;
+        out.insert(
+            *tier,
+            to_partial_batches(&batches, view.aggregations.len())?,
+        );
+    }
+    Ok(out)
+}
+
+/// Converts query output (entity, bucket, one Binary per aggregation) into (entity, start, blob).
+fn to_partial_batches(
+    batches: &[RecordBatch],
+    n_aggs: usize,
+) -> Result<Vec<RecordBatch>, BatchError> {
+    let mut out = Vec::new();
+    for b in batches {
+        let mut e = StringBuilder::new();
+        let mut s = TimestampMillisecondBuilder::new().with_timezone("UTC");
+        let mut st = BinaryBuilder::new();
+        let cols: Vec<&BinaryArray> = (0..n_aggs)
+            .map(|k| b.column(2 + k).as_any().downcast_ref::<BinaryArray>())
+            .collect::<Option<_>>()
+            .ok_or_else(|| BatchError::Config("state columns are not Binary".into()))?;
+        for i in 0..b.num_rows() {
+            let entity = match value_at(b.column(0).as_ref(), i) {
+                Ok(Value::Str(x)) => x,
+                Ok(Value::Int(x)) => x.to_string(),
+                other => return Err(BatchError::Config(format!("entity value {other:?}"))),
+            };
+            let Ok(Value::Timestamp(start)) = value_at(b.column(1).as_ref(), i) else {
+                return Err(BatchError::Config("bucket is not a timestamp".into()));
+            };
+            // One blob per bucket: version byte once, then the states (see `encode_states`).
+            let mut blob = vec![lambda_core::agg::STATE_FORMAT_VERSION];
+            for c in &cols {
+                blob.extend_from_slice(&c.value(i)[1..]);
+            }
+            e.append_value(&entity);
+            s.append_value(start);
+            st.append_value(&blob);
+        }
+        let arrays: Vec<ArrayRef> = vec![
+            Arc::new(e.finish()),
+            Arc::new(s.finish()),
+            Arc::new(st.finish()),
+        ];
+        out.push(
+            RecordBatch::try_new(partial_schema(), arrays)
+                .map_err(|e| BatchError::Config(e.to_string()))?,
+        );
+    }
+    Ok(out)
+}
+
+fn read_partials(
+    path: &Path,
+    into: &mut EntityPartials,
+    tier: Tier,
+    from: i64,
+    to: i64,
+) -> Result<(), BatchError> {
+    let f = fs::File::open(path).map_err(io(path))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+        .and_then(|b| b.build())
+        .map_err(|e| BatchError::Parquet {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    for b in reader {
+        let b = b.map_err(|e| BatchError::Parquet {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let states = b
+            .column(2)
+            .as_any()
+            .downcast_ref::<BinaryArray>()
+            .ok_or_else(|| BatchError::Schema {
+                path: path.to_path_buf(),
+                message: "`states` is not Binary".into(),
+            })?;
+        for i in 0..b.num_rows() {
+            let (Ok(Value::Str(e)), Ok(Value::Timestamp(start))) = (
+                value_at(b.column(0).as_ref(), i),
+                value_at(b.column(1).as_ref(), i),
+            ) else {
+                return Err(BatchError::Schema {
+                    path: path.to_path_buf(),
+                    message: "bad entity/start".into(),
+                });
+            };
+            if start >= from && start < to {
+                into.entry(e)
+                    .or_default()
+                    .push((tier, start, states.value(i).to_vec()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the job and uploads the batch rows to `store`.
+pub async fn run(
+    opts: &RunOptions,
+    store: &dyn OnlineStore,
+    mut progress: impl FnMut(Progress),
+) -> Result<RunSummary, BatchError> {
+    let view = &opts.view;
+    let c = opts.cutoff_ms;
+    if c.rem_euclid(view.speed.tile.millis()) != 0 {
+        return Err(BatchError::Config(format!(
+            "cutoff {} is not aligned to the tile width {}",
+            format_ts(c),
+            view.speed.tile
+        )));
+    }
+    let ctx = crate::session();
+    register_state_functions(&ctx, view);
+    let base = opts.offline.join(&view.name);
+    let mut summary = RunSummary::default();
+    // What each tier needs: [C - reach, C).
+    let needs: Vec<(Tier, i64, i64)> = Tier::ALL
+        .into_iter()
+        .map(|t| (t, c - tier_reach(view, t).millis(), c))
+        .filter(|(_, f, t)| f < t)
+        .collect();
+    let first_day = needs
+        .iter()
+        .map(|(_, f, _)| tile_start(*f, lambda_core::Span::days(1)))
+        .min()
+        .unwrap_or(c);
+    let mut days = Vec::new();
+    let mut d = first_day;
+    while d < c {
+        days.push(d);
+        d += DAY_MS;
+    }
+    let partial_path = |tier: Tier, day: i64| {
+        base.join(format!(
+            "partials/tier={}/date={}/part-0.parquet",
+            tier.name(),
+            date_of(day)
+        ))
+    };
+    let mut rows: EntityPartials = BTreeMap::new();
+    let started = Instant::now();
+    let total = days.len();
+    for (n, day) in days.iter().enumerate() {
+        // Stored tiers (day, hour) are reused unless --full; tiles are always recomputed (they only
+        // cover the hours before this cutoff).
+        let mut todo: Vec<(Tier, i64, i64)> = Vec::new();
+        for (tier, from, to) in &needs {
+            if *day + DAY_MS <= *from || *day >= *to {
+                continue;
+            }
+            let stored = *tier != Tier::Tile && partial_path(*tier, *day).exists();
+            if *tier == Tier::Tile || opts.full || !stored {
+                todo.push((*tier, *from, *to));
+            }
+        }
+        let dir = opts.history.join(format!("date={}", date_of(*day)));
+        if !todo.is_empty() {
+            if dir.exists() {
+                let (_, r, b) = check_partition(view, &dir)?;
+                summary.rows_in += r;
+                summary.bytes_in += b;
+                let computed = day_partials(&ctx, view, &dir, *day, &todo).await?;
+                for (tier, batches) in computed {
+                    if tier == Tier::Tile {
+                        let tmp = base.join(format!(".tiles-{}.parquet", std::process::id()));
+                        write_parquet(&tmp, partial_schema(), &batches)?;
+                        let (from, to) = needs
+                            .iter()
+                            .find(|x| x.0 == Tier::Tile)
+                            .map(|x| (x.1, x.2))
+                            .unwrap_or((c, c));
+                        read_partials(&tmp, &mut rows, Tier::Tile, from, to)?;
+                        fs::remove_file(&tmp).map_err(io(&tmp))?;
+                    } else {
+                        write_parquet(&partial_path(tier, *day), partial_schema(), &batches)?;
+                    }
+                }
+                summary.days_computed += 1;
+                progress(Progress::Day {
+                    date: date_of(*day),
+                    rows: summary.rows_in,
+                    bytes: summary.bytes_in,
+                    done: n + 1,
+                    total,
+                });
+            } else {
+                // No history that day: an empty partial file records it as done.
+                for (tier, _, _) in todo.iter().filter(|t| t.0 != Tier::Tile) {
+                    write_parquet(&partial_path(*tier, *day), partial_schema(), &[])?;
+                }
+            }
+        } else {
+            summary.days_reused += 1;
+        }
+        for (tier, from, to) in needs.iter().filter(|t| t.0 != Tier::Tile) {
+            if *day + DAY_MS > *from && *day < *to {
+                read_partials(&partial_path(*tier, *day), &mut rows, *tier, *from, *to)?;
+            }
+        }
+    }
+    tracing::info!(view = %view.name, days = total, computed = summary.days_computed, elapsed_s = started.elapsed().as_secs_f64(), "Partial states ready.");
+
+    // Batch rows, finalized features, upload.
+    let aggs = view.aggs();
+    let expires = c.div_euclid(1000) + opts.row_ttl_days * 86_400;
+    let mut items = Vec::with_capacity(rows.len());
+    let mut feature_rows: Vec<(String, Vec<Value>)> = Vec::with_capacity(rows.len());
+    for (entity, mut parts) in rows {
+        parts.sort_by_key(|(t, s, _)| (*t, *s));
+        let raw: Vec<(Tier, i64, &[u8])> = parts
+            .iter()
+            .map(|(t, s, b)| (*t, *s, b.as_slice()))
+            .collect();
+        let data = BatchRow::encode_raw(c, &raw);
+        let row = BatchRow::decode(&aggs, &data)?;
+        feature_rows.push((entity.clone(), features_at(view, Some(&row), &[], c)?));
+        summary.row_bytes += data.len() as u64;
+        items.push(Item {
+            key: ItemKey::batch(&view.name, &entity),
+            data,
+            guard: None,
+            expires_at: Some(expires),
+        });
+    }
+    summary.entities = items.len();
+    write_features(
+        view,
+        &base.join(format!("features/cutoff={}/part-0.parquet", date_of(c))),
+        &feature_rows,
+    )?;
+    let total = items.len();
+    for (i, chunk) in items.chunks(5_000).enumerate() {
+        store.batch_put(chunk).await?;
+        progress(Progress::Upload {
+            done: (i * 5_000 + chunk.len()).min(total),
+            total,
+        });
+    }
+    Ok(summary)
+}
+
+/// Writes the finalized features (entity + one column per feature, documented output types).
+fn write_features(
+    view: &FeatureView,
+    path: &Path,
+    rows: &[(String, Vec<Value>)],
+) -> Result<u64, BatchError> {
+    let feats = view.features();
+    let mut fields = vec![Field::new("entity", DataType::Utf8, false)];
+    for f in &feats {
+        let ty = view.aggregations[f.aggregation].aggregation.output_type;
+        fields.push(Field::new(&f.name, ty.arrow_type(), true));
+    }
+    let schema = Arc::new(Schema::new(fields));
+    let source = lambda_core::spec::Source {
+        name: "features".into(),
+        columns: std::iter::once(lambda_core::spec::Column {
+            name: "entity".into(),
+            ty: lambda_core::ColumnType::String,
+            nullable: false,
+        })
+        .chain(feats.iter().map(|f| lambda_core::spec::Column {
+            name: f.name.clone(),
+            ty: view.aggregations[f.aggregation].aggregation.output_type,
+            nullable: true,
+        }))
+        .collect(),
+        entity: 0,
+        event_time: 0,
+        event_id: 0,
+    };
+    let mut b = lambda_core::decode::BatchBuilder::new(&source);
+    for (e, vals) in rows {
+        let mut r = vec![Value::Str(e.clone())];
+        r.extend(vals.iter().cloned());
+        b.push(&r);
+    }
+    let batch = b.finish().map_err(|e| BatchError::Config(e.to_string()))?;
+    let batch = RecordBatch::try_new(schema.clone(), batch.columns().to_vec())
+        .map_err(|e| BatchError::Config(e.to_string()))?;
+    write_parquet(path, schema, &[batch])
+}
+
+/// The entities and dates of stored partials (for tests and `lambda-batch status`).
+pub fn stored_days(offline: &Path, view: &str, tier: Tier) -> BTreeSet<String> {
+    let dir = offline
+        .join(view)
+        .join(format!("partials/tier={}", tier.name()));
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("date=").map(String::from))
+        })
+        .collect()
+}

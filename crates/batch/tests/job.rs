@@ -1,0 +1,412 @@
+//! The nightly job on the embedded default: full and incremental runs give the same rows and
+//! offline features, a rerun is idempotent, the rows agree with the generated SQL, a half-done
+//! upload is never read torn, and bad history files are named in the error.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use common::examples;
+use datafusion::datasource::MemTable;
+use lambda_batch::job::{BatchError, RunOptions, RunSummary, run};
+use lambda_core::decode::{decode_lines, value_at};
+use lambda_core::merge::{BatchRow, Tile, features_at};
+use lambda_core::time::{DAY_MS, HOUR_MS, MINUTE_MS, served_range, tile_start};
+use lambda_core::{FeatureView, Value, sql};
+use lambda_gen::{GenConfig, generate};
+use lambda_store::embedded::EmbeddedStore;
+use lambda_store::{Item, OnlineStore};
+
+struct Data {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    end: i64,
+}
+
+fn data() -> Data {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = GenConfig {
+        events: 40_000,
+        days: 35,
+        users: 120,
+        seed: 11,
+        ..GenConfig::default()
+    };
+    generate(&cfg, dir.path(), |_| {}).unwrap();
+    Data {
+        root: dir.path().to_path_buf(),
+        end: cfg.end_ms,
+        _dir: dir,
+    }
+}
+
+fn view() -> FeatureView {
+    FeatureView::load(examples().join("features.toml")).unwrap()
+}
+
+async fn run_into(
+    d: &Data,
+    offline: &Path,
+    store: &EmbeddedStore,
+    cutoff: i64,
+    full: bool,
+) -> RunSummary {
+    let opts = RunOptions {
+        view: view(),
+        history: d.root.join("history"),
+        offline: offline.to_path_buf(),
+        cutoff_ms: cutoff,
+        full,
+        row_ttl_days: 3650,
+    };
+    run(&opts, store, |_| {}).await.unwrap()
+}
+
+async fn rows(store: &EmbeddedStore, entities: &[String]) -> BTreeMap<String, Item> {
+    let keys: Vec<_> = entities
+        .iter()
+        .map(|e| lambda_store::ItemKey::batch("fraud_user", e))
+        .collect();
+    let got = store.batch_get(&keys).await.unwrap();
+    entities
+        .iter()
+        .cloned()
+        .zip(got)
+        .filter_map(|(e, i)| i.map(|i| (e, i)))
+        .collect()
+}
+
+fn users() -> Vec<String> {
+    (0..120).map(|u| format!("u{u:07}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_and_incremental_runs_agree_and_reruns_are_idempotent() {
+    let d = data();
+    let tmp = tempfile::tempdir().unwrap();
+    let full_store = EmbeddedStore::open(tmp.path().join("full.redb")).unwrap();
+    let inc_store = EmbeddedStore::open(tmp.path().join("inc.redb")).unwrap();
+    let s = run_into(&d, &tmp.path().join("off-full"), &full_store, d.end, true).await;
+    assert!(s.entities > 100 && s.rows_in > 30_000, "{s:?}");
+    // Incremental: three nights in a row.
+    for back in [2, 1] {
+        run_into(
+            &d,
+            &tmp.path().join("off-inc"),
+            &inc_store,
+            d.end - back * DAY_MS,
+            false,
+        )
+        .await;
+    }
+    let last = run_into(&d, &tmp.path().join("off-inc"), &inc_store, d.end, false).await;
+    assert_eq!(
+        last.days_computed, 1,
+        "only the new night is read: {last:?}"
+    );
+    assert!(last.days_reused >= 30, "{last:?}");
+    assert!(
+        last.rows_in * 10 < s.rows_in,
+        "an incremental night reads a day, not the history: {last:?} vs {s:?}"
+    );
+    let (a, b) = (
+        rows(&full_store, &users()).await,
+        rows(&inc_store, &users()).await,
+    );
+    assert_eq!(a.len(), s.entities);
+    assert_equivalent(&a, &b, "full vs incremental");
+    let feats = |dir: &str| {
+        std::fs::read(
+            tmp.path()
+                .join(dir)
+                .join("fraud_user/features/cutoff=2026-01-01/part-0.parquet"),
+        )
+        .unwrap()
+    };
+    assert!(!feats("off-full").is_empty() && !feats("off-inc").is_empty());
+    // Rerun of the same night: the same rows.
+    run_into(&d, &tmp.path().join("off-inc"), &inc_store, d.end, false).await;
+    assert_equivalent(&rows(&inc_store, &users()).await, &a, "rerun");
+}
+
+/// Same entities, cutoffs, buckets and states: exact states byte for byte, float states (sums of
+/// floats, moments) within 1e-9 relative — DataFusion merges partial aggregates in whatever order
+/// its threads finish, so float bits may differ between runs.
+fn assert_equivalent(a: &BTreeMap<String, Item>, b: &BTreeMap<String, Item>, what: &str) {
+    use lambda_core::agg::{AggState, encode_states};
+    let aggs = view().aggs();
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{what}: entities differ"
+    );
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0);
+    for (e, ia) in a {
+        let (ra, rb) = (
+            BatchRow::decode(&aggs, &ia.data).unwrap(),
+            BatchRow::decode(&aggs, &b[e].data).unwrap(),
+        );
+        assert_eq!(ra.cutoff_ms, rb.cutoff_ms, "{what}: {e}");
+        assert_eq!(
+            ra.partials.len(),
+            rb.partials.len(),
+            "{what}: {e} partial count"
+        );
+        for (pa, pb) in ra.partials.iter().zip(&rb.partials) {
+            assert_eq!(
+                (pa.tier, pa.start_ms),
+                (pb.tier, pb.start_ms),
+                "{what}: {e}"
+            );
+            for (k, ag) in aggs.iter().enumerate() {
+                let (sa, sb) = (&pa.states[k], &pb.states[k]);
+                let ok = match (sa, sb) {
+                    (
+                        AggState::Moments { n, mean, m2 },
+                        AggState::Moments {
+                            n: n2,
+                            mean: mean2,
+                            m2: m22,
+                        },
+                    ) => n == n2 && close(*mean, *mean2) && close(*m2, *m22),
+                    (AggState::SumFloat { sum, n }, AggState::SumFloat { sum: s2, n: n2 }) => {
+                        n == n2 && close(*sum, *s2)
+                    }
+                    _ => {
+                        encode_states(std::slice::from_ref(ag), std::slice::from_ref(sa))
+                            == encode_states(std::slice::from_ref(ag), std::slice::from_ref(sb))
+                    }
+                };
+                assert!(
+                    ok,
+                    "{what}: {e} {:?} {} {}: {sa:?} vs {sb:?}",
+                    pa.tier, pa.start_ms, ag.name
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_rows_agree_with_the_generated_sql() {
+    let d = data();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(tmp.path().join("s.redb")).unwrap();
+    run_into(&d, &tmp.path().join("off"), &store, d.end, false).await;
+    let v = view();
+    let aggs = v.aggs();
+    // The generated SQL over the same history, as of the cutoff.
+    let text = std::fs::read(d.root.join("stream/events.jsonl")).unwrap();
+    let (batch, _) = decode_lines(&v.source, &text).unwrap();
+    let ctx = lambda_batch::session();
+    ctx.register_table(
+        "transactions",
+        Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap()),
+    )
+    .unwrap();
+    let out = ctx
+        .sql(&sql::features_as_of(&v, "transactions", d.end))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let stored = rows(&store, &users()).await;
+    let mut n = 0;
+    for b in &out {
+        for i in 0..b.num_rows() {
+            let Value::Str(e) = value_at(b.column(0).as_ref(), i).unwrap() else {
+                panic!()
+            };
+            let row = BatchRow::decode(&aggs, &stored[&e].data).unwrap();
+            assert_eq!(row.cutoff_ms, d.end);
+            let served = features_at(&v, Some(&row), &[], d.end).unwrap();
+            for (k, got) in served.iter().enumerate() {
+                let want = value_at(b.column(k + 1).as_ref(), i).unwrap();
+                let ok = match (got, &want) {
+                    (Value::Float(x), Value::Float(y)) => {
+                        (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0)
+                    }
+                    _ => *got == want,
+                };
+                assert!(
+                    ok,
+                    "{e} {}: batch row {got:?}, SQL {want:?}",
+                    v.features()[k].name
+                );
+                n += 1;
+            }
+        }
+    }
+    assert!(n > 100 * 35, "{n}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_done_upload_is_never_read_torn() {
+    let d = data();
+    let tmp = tempfile::tempdir().unwrap();
+    let v = view();
+    let aggs = v.aggs();
+    let store = EmbeddedStore::open(tmp.path().join("s.redb")).unwrap();
+    let old = d.end - DAY_MS;
+    run_into(&d, &tmp.path().join("off"), &store, old, false).await;
+    // The next night's rows, of which only half reach the store before the lookup.
+    let next = EmbeddedStore::open(tmp.path().join("next.redb")).unwrap();
+    run_into(&d, &tmp.path().join("off"), &next, d.end, false).await;
+    let new_rows = rows(&next, &users()).await;
+    let half: Vec<Item> = new_rows
+        .values()
+        .take(new_rows.len() / 2)
+        .cloned()
+        .collect();
+    store.batch_put(&half).await.unwrap();
+    // Speed tiles from every event after the old cutoff (what the speed layer holds).
+    let text = std::fs::read(d.root.join("stream/events.jsonl")).unwrap();
+    let (batch, _) = decode_lines(&v.source, &text).unwrap();
+    let mut tiles: BTreeMap<String, BTreeMap<i64, Vec<_>>> = BTreeMap::new();
+    let mut events: BTreeMap<String, Vec<(Vec<Value>, i64, String)>> = BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..batch.num_rows() {
+        let row: Vec<Value> = batch
+            .columns()
+            .iter()
+            .map(|c| value_at(c.as_ref(), i).unwrap())
+            .collect();
+        let (Value::Str(id), Value::Str(e), Value::Timestamp(ts)) = (&row[0], &row[1], &row[7])
+        else {
+            panic!()
+        };
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        events
+            .entry(e.clone())
+            .or_default()
+            .push((row.clone(), *ts, id.clone()));
+        if *ts >= old {
+            let s = tiles
+                .entry(e.clone())
+                .or_default()
+                .entry(tile_start(*ts, v.speed.tile))
+                .or_insert_with(|| lambda_core::agg::empty_states(&aggs));
+            lambda_core::agg::update_all(&aggs, s, &row, *ts, id);
+        }
+    }
+    let t = d.end; // every event is before t
+    let stored = rows(&store, &users()).await;
+    let (mut with_new, mut with_old) = (0, 0);
+    for (e, item) in &stored {
+        let row = BatchRow::decode(&aggs, &item.data).unwrap();
+        if row.cutoff_ms == d.end {
+            with_new += 1
+        } else {
+            with_old += 1
+        }
+        let ts: Vec<Tile> = tiles
+            .get(e)
+            .map(|m| {
+                m.iter()
+                    .map(|(s, st)| Tile {
+                        start_ms: *s,
+                        states: st.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let served = features_at(&v, Some(&row), &ts, t).unwrap();
+        for (k, f) in v.features().iter().enumerate() {
+            let a = &aggs[f.aggregation];
+            let (s, en) = served_range(t, f.window);
+            let mut st = a.empty();
+            for (r, ets, id) in events.get(e).into_iter().flatten() {
+                if *ets >= s && *ets < en {
+                    a.update(&mut st, r, *ets, id);
+                }
+            }
+            let want = a.finalize(&st).unwrap();
+            let ok = match (&served[k], &want) {
+                (Value::Float(x), Value::Float(y)) => {
+                    (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0)
+                }
+                (x, y) => x == y,
+            };
+            assert!(
+                ok,
+                "{e} {}: served {:?}, want {want:?} (row cutoff {})",
+                f.name, served[k], row.cutoff_ms
+            );
+        }
+    }
+    assert!(
+        with_new > 10 && with_old > 10,
+        "{with_new} new, {with_old} old"
+    );
+    let _ = (HOUR_MS, MINUTE_MS);
+}
+
+#[tokio::test]
+async fn bad_history_files_are_named() {
+    let d = data();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(tmp.path().join("s.redb")).unwrap();
+    let day_dir = d.root.join("history/date=2025-12-31");
+    // A corrupt file.
+    std::fs::write(
+        day_dir.join("zz-corrupt.parquet"),
+        b"PAR1 this is not parquet",
+    )
+    .unwrap();
+    let opts = RunOptions {
+        view: view(),
+        history: d.root.join("history"),
+        offline: tmp.path().join("off"),
+        cutoff_ms: d.end,
+        full: false,
+        row_ttl_days: 3650,
+    };
+    let e = run(&opts, &store, |_| {}).await.unwrap_err();
+    assert!(matches!(e, BatchError::Parquet { .. }), "{e}");
+    assert!(e.to_string().contains("zz-corrupt.parquet"), "{e}");
+    std::fs::remove_file(day_dir.join("zz-corrupt.parquet")).unwrap();
+    // A file with another schema: amount as float64.
+    let v = view();
+    let mut cols = v.source.columns.clone();
+    cols[5].ty = lambda_core::ColumnType::Float64;
+    let src = lambda_core::spec::Source {
+        columns: cols,
+        ..v.source.clone()
+    };
+    let mut b = lambda_core::decode::BatchBuilder::new(&src);
+    b.push(&[
+        Value::Str("x".into()),
+        Value::Str("u".into()),
+        Value::Null,
+        Value::Str("p".into()),
+        Value::Str("view".into()),
+        Value::Float(1.5),
+        Value::Null,
+        Value::Timestamp(d.end - 1),
+    ]);
+    let batch = b.finish().unwrap();
+    let f = std::fs::File::create(day_dir.join("zz-wrong.parquet")).unwrap();
+    let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let e = run(&opts, &store, |_| {}).await.unwrap_err();
+    assert!(
+        e.to_string().contains(
+            "zz-wrong.parquet: wrong schema: column `amount` is Float64, expected Decimal128(10, 2)"
+        ),
+        "{e}"
+    );
+    // Nothing was uploaded by the failed runs.
+    assert!(
+        store
+            .get(&lambda_store::ItemKey::batch("fraud_user", "u0000000"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
