@@ -34,7 +34,7 @@ use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::prelude::SessionContext;
 use lambda_core::decode::{arrow_schema, value_at};
-use lambda_core::merge::{BatchRow, Tier, features_at, tier_reach};
+use lambda_core::merge::{Partial, Tier, build_batch_row, features_at, tier_reach};
 use lambda_core::time::{DAY_MS, format_ts, tile_start};
 use lambda_core::{FeatureView, Value, sql};
 use lambda_store::{Item, ItemKey, OnlineStore, StoreError};
@@ -79,11 +79,14 @@ pub enum BatchError {
         source: datafusion::error::DataFusionError,
     },
     /// The online store failed.
-    #[error("uploading batch rows: {0}")]
+    #[error("uploading batch rows")]
     Store(#[from] StoreError),
-    /// A feature could not be finalized (overflow).
-    #[error("finalizing features: {0}")]
+    /// A state could not be decoded or a feature finalized (overflow).
+    #[error("building batch rows")]
     Aggregation(#[from] lambda_core::agg::AggError),
+    /// A batch row could not serve its own cutoff (a bug).
+    #[error("finalizing features at the cutoff")]
+    Merge(#[from] lambda_core::merge::MergeError),
     /// Unsupported option.
     #[error("{0}")]
     Config(String),
@@ -263,7 +266,8 @@ async fn day_partials(
     tiers: &[(Tier, i64, i64)],
 ) -> Result<BTreeMap<Tier, Vec<RecordBatch>>, BatchError> {
     let table = view.source.name.clone();
-    let url = ListingTableUrl::parse(format!("file://{}/", dir.display())).map_err(|source| {
+    let abs = std::path::absolute(dir).map_err(io(dir))?;
+    let url = ListingTableUrl::parse(format!("{}/", abs.display())).map_err(|source| {
         BatchError::Query {
             what: format!("history {}", dir.display()),
             source,
@@ -511,14 +515,19 @@ pub async fn run(
     let expires = c.div_euclid(1000) + opts.row_ttl_days * 86_400;
     let mut items = Vec::with_capacity(rows.len());
     let mut feature_rows: Vec<(String, Vec<Value>)> = Vec::with_capacity(rows.len());
-    for (entity, mut parts) in rows {
-        parts.sort_by_key(|(t, s, _)| (*t, *s));
-        let raw: Vec<(Tier, i64, &[u8])> = parts
-            .iter()
-            .map(|(t, s, b)| (*t, *s, b.as_slice()))
-            .collect();
-        let data = BatchRow::encode_raw(c, &raw);
-        let row = BatchRow::decode(&aggs, &data)?;
+    for (entity, parts) in rows {
+        let partials = parts
+            .into_iter()
+            .map(|(tier, start_ms, blob)| {
+                Ok(Partial {
+                    tier,
+                    start_ms,
+                    states: lambda_core::agg::decode_states(&aggs, &blob)?,
+                })
+            })
+            .collect::<Result<Vec<_>, lambda_core::agg::AggError>>()?;
+        let row = build_batch_row(view, c, &partials);
+        let data = row.encode(&aggs);
         feature_rows.push((entity.clone(), features_at(view, Some(&row), &[], c)?));
         summary.row_bytes += data.len() as u64;
         items.push(Item {

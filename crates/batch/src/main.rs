@@ -296,9 +296,9 @@ fn show(view: PathBuf, store: PathBuf, entities: Vec<String>) -> anyhow::Result<
         let row = BatchRow::decode(&aggs, &item.data)?;
         let values = features_at(&v, Some(&row), &[], row.cutoff_ms)?;
         println!(
-            "{e} (batch row: cutoff {}, {} partials, {} bytes)",
+            "{e} (batch row: cutoff {}, {} windows, {} bytes)",
             format_ts(row.cutoff_ms),
-            row.partials.len(),
+            row.windows.len(),
             item.data.len()
         );
         for (f, val) in v.features().iter().zip(values) {

@@ -149,41 +149,44 @@ fn assert_equivalent(a: &BTreeMap<String, Item>, b: &BTreeMap<String, Item>, wha
             BatchRow::decode(&aggs, &b[e].data).unwrap(),
         );
         assert_eq!(ra.cutoff_ms, rb.cutoff_ms, "{what}: {e}");
-        assert_eq!(
-            ra.partials.len(),
-            rb.partials.len(),
-            "{what}: {e} partial count"
-        );
-        for (pa, pb) in ra.partials.iter().zip(&rb.partials) {
-            assert_eq!(
-                (pa.tier, pa.start_ms),
-                (pb.tier, pb.start_ms),
-                "{what}: {e}"
-            );
-            for (k, ag) in aggs.iter().enumerate() {
-                let (sa, sb) = (&pa.states[k], &pb.states[k]);
-                let ok = match (sa, sb) {
-                    (
-                        AggState::Moments { n, mean, m2 },
-                        AggState::Moments {
-                            n: n2,
-                            mean: mean2,
-                            m2: m22,
-                        },
-                    ) => n == n2 && close(*mean, *mean2) && close(*m2, *m22),
-                    (AggState::SumFloat { sum, n }, AggState::SumFloat { sum: s2, n: n2 }) => {
-                        n == n2 && close(*sum, *s2)
-                    }
-                    _ => {
-                        encode_states(std::slice::from_ref(ag), std::slice::from_ref(sa))
-                            == encode_states(std::slice::from_ref(ag), std::slice::from_ref(sb))
-                    }
-                };
-                assert!(
-                    ok,
-                    "{what}: {e} {:?} {} {}: {sa:?} vs {sb:?}",
-                    pa.tier, pa.start_ms, ag.name
-                );
+        assert_eq!(ra.windows.len(), rb.windows.len(), "{what}: {e} windows");
+        for (wa, wb) in ra.windows.iter().zip(&rb.windows) {
+            assert_eq!(wa.window, wb.window);
+            let starts =
+                |w: &lambda_core::merge::WindowPart| w.tail.iter().map(|t| t.0).collect::<Vec<_>>();
+            assert_eq!(starts(wa), starts(wb), "{what}: {e}");
+            let pairs = wa
+                .tail
+                .iter()
+                .map(|t| &t.1)
+                .zip(wb.tail.iter().map(|t| &t.1))
+                .chain(std::iter::once((&wa.rest, &wb.rest)));
+            for (sa_all, sb_all) in pairs {
+                for (k, ag) in aggs.iter().enumerate() {
+                    let (sa, sb) = (&sa_all[k], &sb_all[k]);
+                    let ok = match (sa, sb) {
+                        (
+                            AggState::Moments { n, mean, m2 },
+                            AggState::Moments {
+                                n: n2,
+                                mean: mean2,
+                                m2: m22,
+                            },
+                        ) => n == n2 && close(*mean, *mean2) && close(*m2, *m22),
+                        (AggState::SumFloat { sum, n }, AggState::SumFloat { sum: s2, n: n2 }) => {
+                            n == n2 && close(*sum, *s2)
+                        }
+                        _ => {
+                            encode_states(std::slice::from_ref(ag), std::slice::from_ref(sa))
+                                == encode_states(std::slice::from_ref(ag), std::slice::from_ref(sb))
+                        }
+                    };
+                    assert!(
+                        ok,
+                        "{what}: {e} window {} {}: {sa:?} vs {sb:?}",
+                        wa.window, ag.name
+                    );
+                }
             }
         }
     }

@@ -2,28 +2,29 @@
 //! tiles after it. One rule, used by the batch layer (to build rows), serving (to answer) and the
 //! parity checker (as the reference).
 //!
-//! A batch row for cutoff `C` holds partial states in three tiers, only for non-empty buckets:
-//!
-//! * **tiles** (the view's tile width) over `[C − W5, C)`, where `W5` is the longest window whose
-//!   hop is 5 minutes (W < 12 h);
-//! * **hours** over `[C − W1h, C)`, `W1h` the longest window with a 1-hour hop (12 h ≤ W < 12 d);
-//! * **days** over `[C − W1d, C)`, `W1d` the longest window with a 1-day hop.
+//! The batch job computes partial states per bucket in three tiers (tiles of the view's width for
+//! windows with a 5-minute hop, hours for a 1-hour hop, days for a 1-day hop), reaching back
+//! `[C − W, C)` for the longest window of each tier. From them it builds one [`BatchRow`] per
+//! entity: for each window length `W`, the per-hop partials of the tail that slides out while the
+//! row is valid (`[C − W, C − W + ROW_VALIDITY)`), and one merged state for the rest.
 //!
 //! Serving at `t ≥ C` computes window `W` over [`served_range`]`(t, W) = [s, t)`: it merges the
-//! row's partials of the tier of `hop(W)` that lie in `[s, C)` (they align exactly, because `s` is
-//! aligned to the hop) and the speed tiles that start in `[max(s, C), t)`. Speed tiles before `C`
+//! tail partials that start at or after `s` (they align exactly, because `s` is aligned to the hop),
+//! the merged rest, and the speed tiles that start in `[max(s, C), t)`. Speed tiles before `C`
 //! are ignored when a row exists: the batch is the source of truth there (late events included).
 //! Without a batch row, everything comes from speed tiles. Each row carries its own cutoff, so a
 //! lookup while an upload is half done never mixes versions inside one entity.
 
-use crate::agg::{AggError, AggState, Aggregation, decode_states, encode_states, merge_all};
+use crate::agg::{
+    AggError, AggState, Aggregation, decode_states, empty_states, encode_states, merge_all,
+};
 use crate::codec::{CodecError, Reader, Writer};
 use crate::spec::FeatureView;
-use crate::time::{Span, hop, served_range};
+use crate::time::{Span, format_ts, hop, served_range};
 use crate::types::Value;
 
 /// The version byte of an encoded [`BatchRow`].
-pub const BATCH_ROW_VERSION: u8 = 1;
+pub const BATCH_ROW_VERSION: u8 = 2;
 
 /// The three tiers of partial states in a batch row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -66,13 +67,6 @@ impl Tier {
             Tier::Day => "day",
         }
     }
-    fn tag(self) -> u8 {
-        match self {
-            Tier::Tile => 0,
-            Tier::Hour => 1,
-            Tier::Day => 2,
-        }
-    }
 }
 
 /// How far back before the cutoff each tier must reach for `view` (zero when no window uses it).
@@ -85,7 +79,7 @@ pub fn tier_reach(view: &FeatureView, tier: Tier) -> Span {
         .unwrap_or(Span::from_millis(0))
 }
 
-/// Partial states of all aggregations over one bucket `[start, start + width)`.
+/// Partial states of all aggregations over one bucket `[start, start + width)` of a tier.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Partial {
     /// The tier (gives the width).
@@ -96,41 +90,135 @@ pub struct Partial {
     pub states: Vec<AggState>,
 }
 
-/// One entity's batch view.
+/// How long after its cutoff a batch row serves exactly. The nightly job replaces rows daily; a
+/// row older than this is reported as stale instead of silently serving a shifted window.
+pub const ROW_VALIDITY: Span = Span::days(2);
+
+/// What a batch row keeps for one window length `W`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowPart {
+    /// The window length.
+    pub window: Span,
+    /// Per-hop partials over the tail `[C − W, min(C, C − W + ROW_VALIDITY))`, ascending: the part
+    /// of the window that slides out while the row is valid.
+    pub tail: Vec<(i64, Vec<AggState>)>,
+    /// Everything else before the cutoff, `[min(C, C − W + ROW_VALIDITY), C)`, merged.
+    pub rest: Vec<AggState>,
+}
+
+/// One entity's batch view: for each distinct window length of the view, a sliding tail of
+/// per-hop partials plus one merged state for the rest. Aggregations that do not use a window
+/// carry empty states in it. A busy entity's row stays small: its size grows with the number of
+/// hops in the tail, not with the window length.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchRow {
     /// Events before this instant are covered by the row.
     pub cutoff_ms: i64,
-    /// Non-empty partials, sorted by (tier, start).
-    pub partials: Vec<Partial>,
+    /// One entry per distinct window, ascending.
+    pub windows: Vec<WindowPart>,
+}
+
+/// Why a batch row cannot serve a time.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MergeError {
+    /// The row is older than [`ROW_VALIDITY`] at the time asked (the nightly job is late).
+    #[error(
+        "batch row of cutoff {cutoff} cannot serve {at}: it is valid until {valid_until} (the batch job is late)"
+    )]
+    Stale {
+        /// The row's cutoff.
+        cutoff: String,
+        /// The time asked.
+        at: String,
+        /// End of validity.
+        valid_until: String,
+    },
+    /// Asked for a time before the row's cutoff.
+    #[error("batch row of cutoff {cutoff} cannot serve {at}, which is before its cutoff")]
+    BeforeCutoff {
+        /// The row's cutoff.
+        cutoff: String,
+        /// The time asked.
+        at: String,
+    },
+    /// Finalizing or decoding states failed.
+    #[error(transparent)]
+    Agg(#[from] AggError),
+}
+
+/// The distinct window lengths of a view, ascending.
+pub fn distinct_windows(view: &FeatureView) -> Vec<Span> {
+    let mut w: Vec<Span> = view
+        .aggregations
+        .iter()
+        .flat_map(|a| a.windows.iter().copied())
+        .collect();
+    w.sort();
+    w.dedup();
+    w
+}
+
+/// Builds an entity's batch row for `cutoff` from its tier partials (any order; partials outside
+/// what the row needs are ignored).
+pub fn build_batch_row(view: &FeatureView, cutoff_ms: i64, partials: &[Partial]) -> BatchRow {
+    let aggs = view.aggs();
+    let mut windows = Vec::new();
+    for w in distinct_windows(view) {
+        let tier = Tier::of_window(w);
+        let width = tier.width(view).millis();
+        let head = cutoff_ms - w.millis();
+        let tail_end = cutoff_ms.min(head + ROW_VALIDITY.millis());
+        let uses: Vec<bool> = view
+            .aggregations
+            .iter()
+            .map(|a| a.windows.contains(&w))
+            .collect();
+        let mut tail: Vec<(i64, Vec<AggState>)> = Vec::new();
+        let mut rest = empty_states(&aggs);
+        let mut mine: Vec<&Partial> = partials
+            .iter()
+            .filter(|p| p.tier == tier && p.start_ms >= head && p.start_ms + width <= cutoff_ms)
+            .collect();
+        mine.sort_by_key(|p| p.start_ms);
+        for p in mine {
+            let target = if p.start_ms < tail_end {
+                if tail.last().map(|t| t.0) != Some(p.start_ms) {
+                    tail.push((p.start_ms, empty_states(&aggs)));
+                }
+                &mut tail.last_mut().expect("just pushed").1
+            } else {
+                &mut rest
+            };
+            for (i, a) in aggs.iter().enumerate() {
+                if uses[i] {
+                    a.merge(&mut target[i], &p.states[i]);
+                }
+            }
+        }
+        windows.push(WindowPart {
+            window: w,
+            tail,
+            rest,
+        });
+    }
+    BatchRow { cutoff_ms, windows }
 }
 
 impl BatchRow {
-    /// Encodes the row: version, cutoff, then each partial (tier, start, states blob).
+    /// Encodes the row: version, cutoff, then per window its length, tail and rest.
     pub fn encode(&self, aggs: &[Aggregation]) -> Vec<u8> {
         let mut w = Writer::default();
         w.u8(BATCH_ROW_VERSION);
         w.i64(self.cutoff_ms);
-        w.u64(self.partials.len() as u64);
-        for p in &self.partials {
-            w.u8(p.tier.tag());
-            w.i64(p.start_ms);
-            w.bytes(&encode_states(aggs, &p.states));
-        }
-        w.buf
-    }
-
-    /// Encodes a row from already-encoded state blobs (as stored in the offline store), sorted by
-    /// (tier, start); the same bytes as [`BatchRow::encode`] of the decoded partials.
-    pub fn encode_raw(cutoff_ms: i64, parts: &[(Tier, i64, &[u8])]) -> Vec<u8> {
-        let mut w = Writer::default();
-        w.u8(BATCH_ROW_VERSION);
-        w.i64(cutoff_ms);
-        w.u64(parts.len() as u64);
-        for (tier, start, blob) in parts {
-            w.u8(tier.tag());
-            w.i64(*start);
-            w.bytes(blob);
+        w.u64(self.windows.len() as u64);
+        for part in &self.windows {
+            w.i64(part.window.millis());
+            w.u64(part.tail.len() as u64);
+            for (start, states) in &part.tail {
+                w.i64(*start);
+                w.bytes(&encode_states(aggs, states));
+            }
+            w.bytes(&encode_states(aggs, &part.rest));
         }
         w.buf
     }
@@ -148,31 +236,24 @@ impl BatchRow {
         }
         let cutoff_ms = r.i64().map_err(err)?;
         let n = r.u64().map_err(err)? as usize;
-        let mut partials = Vec::with_capacity(n.min(4096));
+        let mut windows = Vec::with_capacity(n.min(64));
         for _ in 0..n {
-            let tier = match r.u8().map_err(err)? {
-                0 => Tier::Tile,
-                1 => Tier::Hour,
-                2 => Tier::Day,
-                t => return Err(err(CodecError::Corrupt(format!("unknown tier {t}")))),
-            };
-            let start_ms = r.i64().map_err(err)?;
-            let states = decode_states(aggs, r.bytes().map_err(err)?)?;
-            partials.push(Partial {
-                tier,
-                start_ms,
-                states,
-            });
+            let window = Span::from_millis(r.i64().map_err(err)?);
+            let k = r.u64().map_err(err)? as usize;
+            let mut tail = Vec::with_capacity(k.min(1024));
+            for _ in 0..k {
+                let start = r.i64().map_err(err)?;
+                tail.push((start, decode_states(aggs, r.bytes().map_err(err)?)?));
+            }
+            let rest = decode_states(aggs, r.bytes().map_err(err)?)?;
+            windows.push(WindowPart { window, tail, rest });
         }
         if !r.is_empty() {
             return Err(err(CodecError::Corrupt(
                 "trailing bytes after the batch row".into(),
             )));
         }
-        Ok(BatchRow {
-            cutoff_ms,
-            partials,
-        })
+        Ok(BatchRow { cutoff_ms, windows })
     }
 }
 
@@ -192,9 +273,17 @@ pub fn features_at(
     row: Option<&BatchRow>,
     tiles: &[Tile],
     t_ms: i64,
-) -> Result<Vec<Value>, AggError> {
+) -> Result<Vec<Value>, MergeError> {
     let aggs = view.aggs();
     let cutoff = row.map(|r| r.cutoff_ms);
+    if let Some(c) = cutoff {
+        if t_ms < c {
+            return Err(MergeError::BeforeCutoff {
+                cutoff: format_ts(c),
+                at: format_ts(t_ms),
+            });
+        }
+    }
     let tile_width = view.speed.tile.millis();
     let mut out = Vec::new();
     for f in view.features() {
@@ -202,11 +291,23 @@ pub fn features_at(
         let (start, end) = served_range(t_ms, f.window);
         let mut state = agg.empty();
         if let (Some(row), Some(c)) = (row, cutoff) {
-            let tier = Tier::of_window(f.window);
-            let width = tier.width(view).millis();
-            for p in row.partials.iter().filter(|p| p.tier == tier) {
-                if p.start_ms >= start && p.start_ms + width <= c.min(end) {
-                    agg.merge(&mut state, &p.states[f.aggregation]);
+            if let Some(part) = row.windows.iter().find(|p| p.window == f.window) {
+                let tail_end = c.min(c - f.window.millis() + ROW_VALIDITY.millis());
+                if start > tail_end && start < c {
+                    // The merged rest would stick out of the window: the row is too old.
+                    return Err(MergeError::Stale {
+                        cutoff: format_ts(c),
+                        at: format_ts(t_ms),
+                        valid_until: format_ts(c + ROW_VALIDITY.millis()),
+                    });
+                }
+                if start < c {
+                    for (s, states) in &part.tail {
+                        if *s >= start {
+                            agg.merge(&mut state, &states[f.aggregation]);
+                        }
+                    }
+                    agg.merge(&mut state, &part.rest[f.aggregation]);
                 }
             }
         }

@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use lambda_core::agg::{empty_states, update_all};
-use lambda_core::merge::{BatchRow, Partial, Tier, Tile, features_at, tier_reach};
+use lambda_core::merge::{
+    BatchRow, MergeError, Partial, ROW_VALIDITY, Tier, Tile, build_batch_row, features_at,
+    tier_reach,
+};
 use lambda_core::time::{DAY_MS, MINUTE_MS, served_range, tile_start};
 use lambda_core::{FeatureView, Value};
 
@@ -81,17 +84,15 @@ fn batch_row(view: &FeatureView, evs: &[Ev], cutoff: i64) -> BatchRow {
             update_all(&aggs, s, &e.row, e.ts, &e.id);
         }
     }
-    let row = BatchRow {
-        cutoff_ms: cutoff,
-        partials: buckets
-            .into_iter()
-            .map(|((tier, start_ms), states)| Partial {
-                tier,
-                start_ms,
-                states,
-            })
-            .collect(),
-    };
+    let partials: Vec<Partial> = buckets
+        .into_iter()
+        .map(|((tier, start_ms), states)| Partial {
+            tier,
+            start_ms,
+            states,
+        })
+        .collect();
+    let row = build_batch_row(view, cutoff, &partials);
     // The row survives its encoding.
     assert_eq!(BatchRow::decode(&aggs, &row.encode(&aggs)).unwrap(), row);
     row
@@ -138,13 +139,13 @@ fn same(a: &[Value], b: &[Value]) -> bool {
 fn batch_row_plus_tiles_equals_direct_aggregation_all_day_after_the_cutoff() {
     let v = view();
     let cutoff = 200 * DAY_MS;
-    let evs = events(&v, cutoff - 40 * DAY_MS, cutoff + DAY_MS, 20_000);
+    let evs = events(&v, cutoff - 40 * DAY_MS, cutoff + 2 * DAY_MS, 20_000);
     let row = batch_row(&v, &evs, cutoff);
     let speed = tiles(&v, &evs, cutoff);
     let mut checked = 0;
-    // Every 7 minutes + 13 s through the day after the cutoff, plus the cutoff itself.
+    // Every 7 minutes + 13 s through the row's validity, from the cutoff itself.
     let mut t = cutoff;
-    while t < cutoff + DAY_MS {
+    while t < cutoff + ROW_VALIDITY.millis() {
         let now: Vec<Ev> = evs
             .iter()
             .filter(|e| e.ts < t)
@@ -176,7 +177,20 @@ fn batch_row_plus_tiles_equals_direct_aggregation_all_day_after_the_cutoff() {
         checked += 1;
         t += 7 * MINUTE_MS + 13_000;
     }
-    assert!(checked > 190);
+    assert!(checked > 380);
+    // Past its validity the row refuses to serve rather than shift a window silently.
+    let late = cutoff + ROW_VALIDITY.millis() + DAY_MS + 3_600_000;
+    assert!(matches!(
+        features_at(&v, Some(&row), &speed, late),
+        Err(MergeError::Stale { .. })
+    ));
+    assert!(matches!(
+        features_at(&v, Some(&row), &speed, cutoff - 1),
+        Err(MergeError::BeforeCutoff { .. })
+    ));
+    // A busy entity's row stays small: its size does not grow with the 30-day window.
+    let bytes = row.encode(&v.aggs()).len();
+    assert!(bytes < 120_000, "{bytes} bytes");
 }
 
 #[test]
