@@ -276,13 +276,13 @@ pub fn features_at(
 ) -> Result<Vec<Value>, MergeError> {
     let aggs = view.aggs();
     let cutoff = row.map(|r| r.cutoff_ms);
-    if let Some(c) = cutoff {
-        if t_ms < c {
-            return Err(MergeError::BeforeCutoff {
-                cutoff: format_ts(c),
-                at: format_ts(t_ms),
-            });
-        }
+    if let Some(c) = cutoff
+        && t_ms < c
+    {
+        return Err(MergeError::BeforeCutoff {
+            cutoff: format_ts(c),
+            at: format_ts(t_ms),
+        });
     }
     let tile_width = view.speed.tile.millis();
     let mut out = Vec::new();
@@ -290,8 +290,10 @@ pub fn features_at(
         let agg = &aggs[f.aggregation];
         let (start, end) = served_range(t_ms, f.window);
         let mut state = agg.empty();
-        if let (Some(row), Some(c)) = (row, cutoff) {
-            if let Some(part) = row.windows.iter().find(|p| p.window == f.window) {
+        if let (Some(row), Some(c)) = (row, cutoff)
+            && let Some(part) = row.windows.iter().find(|p| p.window == f.window)
+        {
+            {
                 let tail_end = c.min(c - f.window.millis() + ROW_VALIDITY.millis());
                 if start > tail_end && start < c {
                     // The merged rest would stick out of the window: the row is too old.
