@@ -9,7 +9,9 @@
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, BinaryArray};
+use datafusion::arrow::array::{
+    Array, ArrayRef, BinaryArray, StringArray, TimestampMillisecondArray,
+};
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
 use datafusion::common::{DataFusionError, Result as DfResult, ScalarValue};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
@@ -125,6 +127,27 @@ impl Accumulator for StateAccumulator {
                 if has_input { "input, " } else { "" },
                 values.len()
             )));
+        }
+        // Fast path: millisecond timestamps and Utf8 ids read in place, no allocation per row.
+        if let (Some(ts_arr), Some(id_arr)) = (
+            values[base]
+                .as_any()
+                .downcast_ref::<TimestampMillisecondArray>(),
+            values[base + 1].as_any().downcast_ref::<StringArray>(),
+        ) {
+            for i in 0..ts_arr.len() {
+                if ts_arr.is_null(i) || id_arr.is_null(i) {
+                    return Err(exec("NULL event time or event id"));
+                }
+                self.row.clear();
+                if has_input {
+                    self.row
+                        .push(value_at(values[0].as_ref(), i).map_err(exec)?);
+                }
+                self.agg
+                    .apply(&mut self.state, &self.row, ts_arr.value(i), id_arr.value(i));
+            }
+            return Ok(());
         }
         for i in 0..values[base].len() {
             let Value::Timestamp(ts) = value_at(values[base].as_ref(), i).map_err(exec)? else {

@@ -413,3 +413,48 @@ async fn bad_history_files_are_named() {
             .is_none()
     );
 }
+
+/// The same job uploading to DynamoDB Local (started by `make test`) gives the same rows as the
+/// embedded store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_to_dynamodb_like_to_the_embedded_store() {
+    use lambda_store::dynamo::{DynamoConfig, DynamoStore};
+    let endpoint = std::env::var("LAMBDA_TEST_DYNAMODB_ENDPOINT").expect(
+        "LAMBDA_TEST_DYNAMODB_ENDPOINT is not set: run `make test` (it starts DynamoDB Local)",
+    );
+    let d = data();
+    let tmp = tempfile::tempdir().unwrap();
+    let table = format!("lambda-batch-{}-{}", std::process::id(), d.end);
+    let mut cfg = DynamoConfig::new(&table, "us-east-1");
+    cfg.endpoint = Some(endpoint);
+    cfg.static_credentials = Some(("test".into(), "test".into()));
+    let dynamo = DynamoStore::connect(cfg).await;
+    dynamo.create_table().await.unwrap();
+    let opts = RunOptions {
+        view: view(),
+        history: d.root.join("history"),
+        offline: tmp.path().join("off"),
+        cutoff_ms: d.end,
+        full: false,
+        row_ttl_days: 3650,
+    };
+    let s = run(&opts, &dynamo, |_| {}).await.unwrap();
+    let embedded = EmbeddedStore::open(tmp.path().join("e.redb")).unwrap();
+    run(&opts, &embedded, |_| {}).await.unwrap();
+    let keys: Vec<_> = users()
+        .iter()
+        .map(|e| lambda_store::ItemKey::batch("fraud_user", e))
+        .collect();
+    let from_dynamo: BTreeMap<String, Item> = users()
+        .into_iter()
+        .zip(dynamo.batch_get(&keys).await.unwrap())
+        .filter_map(|(e, i)| i.map(|i| (e, i)))
+        .collect();
+    assert_eq!(from_dynamo.len(), s.entities);
+    assert_equivalent(
+        &from_dynamo,
+        &rows(&embedded, &users()).await,
+        "dynamodb vs embedded",
+    );
+    dynamo.delete_table().await.unwrap();
+}

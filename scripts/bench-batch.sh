@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Batch benchmark: 10 million generated events (90 days) on local Parquet.
+#   1. lambda-batch run --full     (time, peak memory)
+#   2. lambda-batch run again      (an incremental night: one new day)
+#   3. DuckDB running the equivalent SQL (per-user daily partial aggregates with the same
+#      deduplication and filters) over the same files, for the ratio.
+# Usage: scripts/bench-batch.sh [DATA_DIR]   (default data/gen10m; generated if missing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${CARGO_TARGET_DIR:=$HOME/.cache/lambda-target}"
+export CARGO_TARGET_DIR
+data=${1:-data/gen10m}
+bin=$CARGO_TARGET_DIR/release
+cargo build --release --locked -q -p lambda-gen -p lambda-batch
+[ -d "$data/history" ] || "$bin/lambda-gen" --events 10000000 --days 90 --out "$data"
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+run() { /usr/bin/time -f "  wall %e s, peak RSS %M KB" "$bin/lambda-batch" run --view examples/fraud/features.toml \
+  --history "$data/history" --offline "$work/offline" --store "$work/online.redb" --cutoff 2026-01-01 --row-ttl-days 3650 "$@"; }
+echo "== lambda-batch, full run"; run --full
+echo "== lambda-batch, incremental night (same cutoff again: one day recomputed)"; run
+venv=${LAMBDA_EMU_HOME:-$HOME/.cache/lambda-emulators}/venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -c 'import duckdb' 2>/dev/null || "$venv/bin/pip" install -q duckdb==2.0.1
+echo "== DuckDB, equivalent SQL (daily partial aggregates per user, deduplicated, filtered)"
+"$venv/bin/python" - "$data/history" <<'PY'
+import sys, time, duckdb
+hist = sys.argv[1]
+con = duckdb.connect()
+con.execute("SET TimeZone = 'UTC'")
+q = f"""
+CREATE TABLE daily AS
+WITH ev AS (
+  SELECT DISTINCT ON (event_id) * FROM read_parquet('{hist}/*/*.parquet', hive_partitioning = true)
+  ORDER BY event_id, ts)
+SELECT user_id, time_bucket(INTERVAL 1 DAY, ts) AS day,
+  count(*) FILTER (WHERE event_type = 'purchase') AS txn_count,
+  sum(amount) FILTER (WHERE event_type = 'purchase') AS amount_sum,
+  avg(amount) FILTER (WHERE event_type = 'purchase') AS amount_avg,
+  min(amount) FILTER (WHERE event_type = 'purchase') AS amount_min,
+  max(amount) FILTER (WHERE event_type = 'purchase') AS amount_max,
+  stddev_samp(amount) FILTER (WHERE event_type = 'purchase') AS amount_stddev,
+  count(DISTINCT merchant_id) FILTER (WHERE event_type = 'purchase') AS distinct_merchants
+FROM ev GROUP BY 1, 2
+"""
+t = time.time()
+con.execute(q)
+n = con.execute("SELECT count(*) FROM daily").fetchone()[0]
+print(f"  wall {time.time() - t:.2f} s, {n} (user, day) rows")
+PY
