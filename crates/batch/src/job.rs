@@ -87,6 +87,16 @@ pub enum BatchError {
     /// A batch row could not serve its own cutoff (a bug).
     #[error("finalizing features at the cutoff")]
     Merge(#[from] lambda_core::merge::MergeError),
+    /// Two different rows share an event id (deliveries of one event must be identical).
+    #[error(
+        "history of {date}: event ids with conflicting rows (same id, different content): {ids:?}"
+    )]
+    ConflictingDuplicates {
+        /// The day.
+        date: String,
+        /// Up to five of the ids.
+        ids: Vec<String>,
+    },
     /// Unsupported option.
     #[error("{0}")]
     Config(String),
@@ -288,6 +298,33 @@ async fn day_partials(
             what: "registering the history".into(),
             source,
         })?;
+    let check = sql::conflicting_duplicates(view, &table, day, day + DAY_MS);
+    let what = format!("the duplicate check of {}", date_of(day));
+    let conflicts = ctx
+        .sql(&check)
+        .await
+        .map_err(|source| BatchError::Query {
+            what: what.clone(),
+            source,
+        })?
+        .collect()
+        .await
+        .map_err(|source| BatchError::Query { what, source })?;
+    let ids: Vec<String> = conflicts
+        .iter()
+        .flat_map(|b| {
+            (0..b.num_rows()).filter_map(move |i| match value_at(b.column(0).as_ref(), i) {
+                Ok(Value::Str(s)) => Some(s),
+                _ => None,
+            })
+        })
+        .collect();
+    if !ids.is_empty() {
+        return Err(BatchError::ConflictingDuplicates {
+            date: date_of(day),
+            ids,
+        });
+    }
     let mut out = BTreeMap::new();
     for (tier, from, to) in tiers {
         let (from, to) = ((*from).max(day), (*to).min(day + DAY_MS));

@@ -404,6 +404,32 @@ async fn bad_history_files_are_named() {
         ),
         "{e}"
     );
+    std::fs::remove_file(day_dir.join("zz-wrong.parquet")).unwrap();
+    // Two deliveries of one event that differ: the job refuses to guess which one is right.
+    let mut b = lambda_core::decode::BatchBuilder::new(&v.source);
+    for amount in [100, 200] {
+        b.push(&[
+            Value::Str("e-conflict".into()),
+            Value::Str("u0000001".into()),
+            Value::Null,
+            Value::Str("p".into()),
+            Value::Str("purchase".into()),
+            Value::Decimal(amount),
+            Value::Null,
+            Value::Timestamp(d.end - 1000),
+        ]);
+    }
+    let batch = b.finish().unwrap();
+    let f = std::fs::File::create(day_dir.join("zz-conflict.parquet")).unwrap();
+    let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let e = run(&opts, &store, |_| {}).await.unwrap_err();
+    assert!(
+        matches!(&e, BatchError::ConflictingDuplicates { ids, .. } if ids == &["e-conflict".to_string()]),
+        "{e}"
+    );
+    assert!(e.to_string().contains("2025-12-31"), "{e}");
     // Nothing was uploaded by the failed runs.
     assert!(
         store

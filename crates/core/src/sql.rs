@@ -82,11 +82,15 @@ pub fn aggregate_expr(view: &FeatureView, agg: &Aggregation, extra: Option<&str>
 }
 
 /// The deduplicated events with event time in `[start, end)`, as a subquery body.
+///
+/// Deliveries of one event are identical rows (the contract), so `SELECT DISTINCT *` keeps exactly
+/// one of each — and is several times cheaper than `DISTINCT ON (event_id)`, which DataFusion
+/// plans as a `first_value` per column. [`conflicting_duplicates`] finds rows that break the
+/// contract (same event id, different content); the batch job fails on them.
 pub fn dedup_events(view: &FeatureView, table: &str, start_ms: i64, end_ms: i64) -> String {
     let ts = quote_ident(&view.source.columns[view.source.event_time].name);
-    let id = quote_ident(&view.source.columns[view.source.event_id].name);
     format!(
-        "SELECT DISTINCT ON ({id}) * FROM {table}\n  WHERE {ts} >= {} AND {ts} < {}\n  ORDER BY {id}, {ts}",
+        "SELECT DISTINCT * FROM {table}\n  WHERE {ts} >= {} AND {ts} < {}",
         ts_literal(start_ms),
         ts_literal(end_ms),
         table = quote_ident(table),
@@ -175,5 +179,20 @@ pub fn partial_states(
         end = format_ts(end_ms),
         cols = select.join(",\n  "),
         events = dedup_events(view, table, start_ms, end_ms),
+    )
+}
+
+/// Up to 5 event ids in `[start, end)` that have two or more *different* rows: deliveries that
+/// break the "duplicates are identical" contract, which both paths rely on.
+pub fn conflicting_duplicates(
+    view: &FeatureView,
+    table: &str,
+    start_ms: i64,
+    end_ms: i64,
+) -> String {
+    let id = quote_ident(&view.source.columns[view.source.event_id].name);
+    format!(
+        "SELECT {id} FROM (\n  {events}\n) AS events GROUP BY {id} HAVING count(*) > 1 ORDER BY {id} LIMIT 5",
+        events = dedup_events(view, table, start_ms, end_ms)
     )
 }
