@@ -30,8 +30,7 @@ con.execute("SET TimeZone = 'UTC'")
 q = f"""
 CREATE TABLE daily AS
 WITH ev AS (
-  SELECT DISTINCT ON (event_id) * FROM read_parquet('{hist}/*/*.parquet', hive_partitioning = true)
-  ORDER BY event_id, ts)
+  SELECT DISTINCT * FROM read_parquet('{hist}/*/*.parquet', hive_partitioning = true))
 SELECT user_id, time_bucket(INTERVAL 1 DAY, ts) AS day,
   count(*) FILTER (WHERE event_type = 'purchase') AS txn_count,
   sum(amount) FILTER (WHERE event_type = 'purchase') AS amount_sum,
