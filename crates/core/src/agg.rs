@@ -378,6 +378,21 @@ impl Aggregation {
         }
     }
 
+    /// For `min` / `max`: whether `candidate` replaces the extreme so far.
+    fn beats(&self, candidate: &Value, current: Option<&Value>) -> bool {
+        match current {
+            None => true,
+            Some(c) => {
+                let ord = candidate.total_cmp(c);
+                if self.function == AggFunction::Min {
+                    ord.is_lt()
+                } else {
+                    ord.is_gt()
+                }
+            }
+        }
+    }
+
     fn scale(&self) -> u8 {
         match self.input_type {
             Some(ColumnType::Decimal { scale, .. }) => scale,
@@ -427,22 +442,8 @@ impl Aggregation {
                 *sum = sum.saturating_add(*d);
                 *n += 1;
             }
-            (AggState::Extreme(cur), v) => {
-                let replace = match cur {
-                    None => true,
-                    Some(c) => {
-                        let ord = v.total_cmp(c);
-                        if self.function == AggFunction::Min {
-                            ord.is_lt()
-                        } else {
-                            ord.is_gt()
-                        }
-                    }
-                };
-                if replace {
-                    *cur = Some(v.clone());
-                }
-            }
+            (AggState::Extreme(cur), v) if self.beats(v, cur.as_ref()) => *cur = Some(v.clone()),
+            (AggState::Extreme(_), _) => {}
             (AggState::Moments { n, mean, m2 }, v) => {
                 if let Some(x) = v.as_f64(self.scale()) {
                     *n += 1;
@@ -487,18 +488,7 @@ impl Aggregation {
                 }
             }
             (AggState::Extreme(a), AggState::Extreme(Some(b))) => {
-                let replace = match a {
-                    None => true,
-                    Some(c) => {
-                        let ord = b.total_cmp(c);
-                        if self.function == AggFunction::Min {
-                            ord.is_lt()
-                        } else {
-                            ord.is_gt()
-                        }
-                    }
-                };
-                if replace {
+                if self.beats(b, a.as_ref()) {
                     *a = Some(b.clone());
                 }
             }

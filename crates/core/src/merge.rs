@@ -293,24 +293,22 @@ pub fn features_at(
         if let (Some(row), Some(c)) = (row, cutoff)
             && let Some(part) = row.windows.iter().find(|p| p.window == f.window)
         {
-            {
-                let tail_end = c.min(c - f.window.millis() + ROW_VALIDITY.millis());
-                if start > tail_end && start < c {
-                    // The merged rest would stick out of the window: the row is too old.
-                    return Err(MergeError::Stale {
-                        cutoff: format_ts(c),
-                        at: format_ts(t_ms),
-                        valid_until: format_ts(c + ROW_VALIDITY.millis()),
-                    });
-                }
-                if start < c {
-                    for (s, states) in &part.tail {
-                        if *s >= start {
-                            agg.merge(&mut state, &states[f.aggregation]);
-                        }
+            let tail_end = c.min(c - f.window.millis() + ROW_VALIDITY.millis());
+            if start > tail_end && start < c {
+                // The merged rest would stick out of the window: the row is too old.
+                return Err(MergeError::Stale {
+                    cutoff: format_ts(c),
+                    at: format_ts(t_ms),
+                    valid_until: format_ts(c + ROW_VALIDITY.millis()),
+                });
+            }
+            if start < c {
+                for (s, states) in &part.tail {
+                    if *s >= start {
+                        agg.merge(&mut state, &states[f.aggregation]);
                     }
-                    agg.merge(&mut state, &part.rest[f.aggregation]);
                 }
+                agg.merge(&mut state, &part.rest[f.aggregation]);
             }
         }
         let from = cutoff.map_or(start, |c| start.max(c));
