@@ -43,10 +43,12 @@ step "6. The batch view of a few users (features at the cutoff, from their batch
 "$bin/lambda-batch" show --view examples/fraud/features.toml --store "$dir/online.redb" \
   --entity u0000000 --entity u0000001
 
-step "7. What is not built yet"
+step "7. The schedules (cron, UTC): what would run"
+"$bin/lambda-batch" schedule --dry-run --state "$dir/scheduler"
+
+step "8. What is not built yet"
 for b in lambda-speed lambda-serve lambda-parity; do
   "$bin/$b" >/dev/null 2>&1 && echo "$b: unexpectedly succeeded" || echo "$b: not built yet (exits non-zero, as it should)"
 done
-"$bin/lambda-batch" schedule >/dev/null 2>&1 || echo "lambda-batch schedule: not built yet"
 
 step "Done. Data in $dir; rerun with DEMO_EVENTS=10000000 for the full-size data set."

@@ -23,6 +23,7 @@ use lambda_core::hll::Hll;
 use lambda_core::sql::APPROX_DISTINCT_UDAF;
 
 pub mod job;
+pub mod schedule;
 pub mod states;
 
 /// A DataFusion session configured for lambda's SQL: strings stay `Utf8` (not `Utf8View`, so the

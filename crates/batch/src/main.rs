@@ -11,8 +11,9 @@ use lambda_core::{FeatureView, sql};
 /// The batch layer of lambda: DataFusion SQL over the Parquet history, generated from a feature
 /// definition (see examples/fraud/features.toml).
 ///
-/// Today it validates a definition and prints the SQL generated from it; `run` and `schedule`
-/// land with the batch-layer issue and exit with an error until then.
+/// `run` is the nightly job (local Parquet history; S3 history is not supported yet), `schedule`
+/// runs the jobs of schedules/ on their cron, `show` prints entities' batch view, `check` and
+/// `sql` validate a definition and print the SQL generated from it.
 #[derive(Debug, Parser)]
 #[command(version, propagate_version = true)]
 struct Cli {
@@ -61,8 +62,25 @@ enum Command {
         #[arg(long = "entity", required = true)]
         entities: Vec<String>,
     },
-    /// Run the cron schedules in schedules/ (not built yet).
-    Schedule,
+    /// Run the cron schedules of `--dir` (default schedules/): runs what is due, catches up missed
+    /// runs after downtime (bounded per job), never runs two copies of a job at once, records
+    /// every run, retries failures with backoff, and waits for the next run (ctrl-c stops).
+    ///
+    /// Example: lambda-batch schedule --dry-run
+    Schedule {
+        /// Directory of `*.toml` schedules.
+        #[arg(long, default_value = "schedules")]
+        dir: PathBuf,
+        /// Directory of run records and locks.
+        #[arg(long, default_value = "data/scheduler")]
+        state: PathBuf,
+        /// Run what is due now, then exit.
+        #[arg(long)]
+        once: bool,
+        /// Show what is due and when each job runs next; run nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// Writes to stdout; a closed pipe (`lambda-batch sql | head`) ends the program quietly.
@@ -169,12 +187,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             store,
             entities,
         } => show(view, store, entities),
-        Command::Schedule => {
-            eprintln!(
-                "lambda-batch: this command is not built yet (see the batch-layer issue); nothing was run"
-            );
-            Ok(ExitCode::from(2))
-        }
+        Command::Schedule {
+            dir,
+            state,
+            once,
+            dry_run,
+        } => schedule(dir, state, once, dry_run),
     }
 }
 
@@ -320,5 +338,118 @@ fn show(view: PathBuf, store: PathBuf, entities: Vec<String>) -> anyhow::Result<
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    })
+}
+
+fn schedule(
+    dir: PathBuf,
+    state_dir: PathBuf,
+    once: bool,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    use lambda_batch::job::{RunOptions, run};
+    use lambda_batch::schedule::{Job, RunRecord, State, retry_backoff_ms};
+
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let jobs = Job::load_dir(&dir)?;
+    let state = State::open(&state_dir)
+        .with_context(|| format!("opening the scheduler state {}", state_dir.display()))?;
+    let now = || chrono::Utc::now().timestamp_millis();
+    if dry_run {
+        for j in &jobs {
+            let last = state.last_success(&j.name)?;
+            let due = j.due(last, now());
+            println!("{} [{}]", j.name, j.cron_text);
+            println!(
+                "  last success: {}",
+                last.map(format_ts).unwrap_or_else(|| "never".into())
+            );
+            for r in &due.runs {
+                println!("  due now:      {}", format_ts(*r));
+            }
+            if !due.skipped.is_empty() {
+                println!(
+                    "  skipped (beyond catch-up {}): {} missed runs",
+                    j.catch_up,
+                    due.skipped.len()
+                );
+            }
+            if let Some(n) = j.next_after(now()) {
+                println!("  next:         {}", format_ts(n));
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async {
+        let mut failed = false;
+        loop {
+            for j in &jobs {
+                let due = j.due(state.last_success(&j.name)?, now());
+                if !due.skipped.is_empty() {
+                    tracing::warn!(job = %j.name, skipped = due.skipped.len(), catch_up = j.catch_up, "Missed runs beyond the catch-up bound are skipped.");
+                }
+                for scheduled in due.runs {
+                    let Some(_lock) = state.try_lock(&j.name, now(), 6 * 3_600_000)? else {
+                        tracing::info!(job = %j.name, "Another copy holds the lock; not running.");
+                        continue;
+                    };
+                    let view = FeatureView::load(&j.view)?;
+                    let opts = RunOptions {
+                        history: j.history.clone().unwrap_or_else(|| PathBuf::from(view.batch.history.trim_start_matches("file://"))),
+                        offline: j.offline.clone(),
+                        cutoff_ms: last_midnight(scheduled) + view.batch.cutoff_offset.millis(),
+                        full: false,
+                        row_ttl_days: 7,
+                        view,
+                    };
+                    let store = lambda_store::embedded::EmbeddedStore::open(&j.store)?;
+                    let started = now();
+                    let mut attempts = 0;
+                    let outcome = loop {
+                        attempts += 1;
+                        tracing::info!(job = %j.name, scheduled = %format_ts(scheduled), cutoff = %format_ts(opts.cutoff_ms), attempts, "Running.");
+                        match run(&opts, &store, |_| {}).await {
+                            Ok(s) => break Ok(s),
+                            Err(e) if attempts <= j.retries => {
+                                let wait = retry_backoff_ms(attempts);
+                                tracing::warn!(job = %j.name, error = %format!("{e:#}"), wait_s = wait / 1000, "Run failed; retrying.");
+                                tokio::select! {
+                                    _ = tokio::time::sleep(std::time::Duration::from_millis(wait as u64)) => {}
+                                    _ = tokio::signal::ctrl_c() => break Err(anyhow::anyhow!("interrupted")),
+                                }
+                            }
+                            Err(e) => break Err(anyhow::Error::new(e)),
+                        }
+                    };
+                    let (rows, bytes, text) = match &outcome {
+                        Ok(s) => (s.rows_in, s.bytes_in, "ok".to_string()),
+                        Err(e) => {
+                            failed = true;
+                            (0, 0, format!("error: {e:#}"))
+                        }
+                    };
+                    state.record(&RunRecord { job: j.name.clone(), scheduled_ms: scheduled, started_ms: started, ended_ms: now(), attempts, outcome: text.clone(), rows, bytes })?;
+                    println!("{} {}: {text} ({rows} rows, {:.1} MB, {:.1} s)", j.name, format_ts(scheduled), bytes as f64 / 1e6, (now() - started) as f64 / 1000.0);
+                }
+            }
+            if once {
+                return Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS });
+            }
+            let next = jobs.iter().filter_map(|j| j.next_after(now())).min();
+            let wait = next.map_or(60_000, |n| (n - now()).clamp(1_000, 3_600_000));
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(wait as u64)) => {}
+                _ = tokio::signal::ctrl_c() => {
+                    tracing::info!("Stopping.");
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+        }
     })
 }

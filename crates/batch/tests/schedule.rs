@@ -1,0 +1,141 @@
+//! Scheduling with an injected clock: catch-up after downtime (bounded), the job lock, run records,
+//! and config errors naming the field.
+
+use std::path::Path;
+
+use lambda_batch::schedule::{Job, RunRecord, State, retry_backoff_ms};
+
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 24 * HOUR;
+// 2026-01-10T00:00:00Z
+const T0: i64 = 1_768_003_200_000;
+
+fn job(dir: &Path, extra: &str) -> Job {
+    let f = dir.join("nightly.toml");
+    std::fs::write(
+        &f,
+        format!("name = \"nightly\"\ncron = \"0 30 1 * * *\"\nview = \"v.toml\"\noffline = \"off\"\nstore = \"s.redb\"\n{extra}"),
+    )
+    .unwrap();
+    Job::load(&f).unwrap()
+}
+
+#[test]
+fn due_runs_and_bounded_catch_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(dir.path(), "catch-up = 2\n");
+    assert_eq!(j.view, dir.path().join("v.toml"));
+    // Never ran, at 01:00: nothing due yet today; yesterday's 01:30 is within the last day.
+    let d = j.due(None, T0 + HOUR);
+    assert_eq!(d.runs, vec![T0 - DAY + HOUR + HOUR / 2]);
+    // Ran yesterday; at 01:30 exactly today's run is due.
+    assert_eq!(
+        j.due(Some(T0 - DAY + 90 * 60_000), T0 + 90 * 60_000).runs,
+        vec![T0 + 90 * 60_000]
+    );
+    // Down for five days: only the latest two missed runs are caught up, the rest reported skipped.
+    let d = j.due(Some(T0 + 90 * 60_000), T0 + 5 * DAY + 2 * HOUR);
+    assert_eq!(
+        d.runs,
+        vec![T0 + 4 * DAY + 90 * 60_000, T0 + 5 * DAY + 90 * 60_000]
+    );
+    assert_eq!(d.skipped.len(), 3);
+    // Up to date: nothing due; the next run is tomorrow 01:30.
+    let last = T0 + 5 * DAY + 90 * 60_000;
+    assert!(j.due(Some(last), last + HOUR).runs.is_empty());
+    assert_eq!(j.next_after(last + HOUR), Some(last + DAY));
+}
+
+#[test]
+fn one_copy_of_a_job_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = State::open(dir.path()).unwrap();
+    let b = State::open(dir.path()).unwrap(); // another process / machine sharing the directory
+    let held = a.try_lock("nightly", T0, HOUR).unwrap().expect("free lock");
+    assert!(
+        b.try_lock("nightly", T0 + 1, HOUR).unwrap().is_none(),
+        "second copy must not run"
+    );
+    assert!(
+        b.try_lock("other-job", T0, HOUR).unwrap().is_some(),
+        "other jobs are independent"
+    );
+    drop(held);
+    let again = b.try_lock("nightly", T0 + 2, HOUR).unwrap();
+    assert!(again.is_some(), "released on drop");
+    // A crashed holder: its lock expires after the lease and is taken over.
+    std::mem::forget(again);
+    assert!(
+        a.try_lock("nightly", T0 + HOUR - 1, HOUR)
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        a.try_lock("nightly", T0 + HOUR + 3, HOUR)
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[test]
+fn run_records_drive_the_next_due_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = State::open(dir.path()).unwrap();
+    assert_eq!(s.last_success("nightly").unwrap(), None);
+    let rec = |scheduled_ms, outcome: &str| RunRecord {
+        job: "nightly".into(),
+        scheduled_ms,
+        started_ms: scheduled_ms + 1,
+        ended_ms: scheduled_ms + 2,
+        attempts: 1,
+        outcome: outcome.into(),
+        rows: 10,
+        bytes: 100,
+    };
+    s.record(&rec(T0, "ok")).unwrap();
+    s.record(&rec(T0 + DAY, "error: bucket unreachable"))
+        .unwrap();
+    assert_eq!(
+        s.last_success("nightly").unwrap(),
+        Some(T0),
+        "a failed run is due again"
+    );
+    assert_eq!(s.records().unwrap().len(), 2);
+    assert_eq!(retry_backoff_ms(1), 30_000);
+    assert_eq!(retry_backoff_ms(3), 120_000);
+    assert_eq!(retry_backoff_ms(30), 30 * 60_000);
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.toml");
+    std::fs::write(
+        &f,
+        "name = \"x\"\ncron = \"every night\"\nview = \"v\"\noffline = \"o\"\nstore = \"s\"\n",
+    )
+    .unwrap();
+    let e = Job::load(&f).unwrap_err().to_string();
+    assert!(
+        e.contains("bad.toml: field `cron`") && e.contains("every night"),
+        "{e}"
+    );
+    std::fs::write(&f, "name = \"x\"\ncron = \"0 0 1 * * *\"\nview = \"v\"\noffline = \"o\"\nstore = \"s\"\ncolour = 1\n").unwrap();
+    let e = Job::load(&f).unwrap_err().to_string();
+    assert!(e.contains("unknown field `colour`"), "{e}");
+}
+
+#[test]
+fn the_shipped_schedules_are_valid() {
+    let jobs =
+        Job::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schedules")).unwrap();
+    assert!(!jobs.is_empty());
+    for j in jobs {
+        assert!(
+            j.view.exists(),
+            "{}: view {} does not exist",
+            j.name,
+            j.view.display()
+        );
+    }
+}
