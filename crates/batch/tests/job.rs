@@ -349,6 +349,13 @@ async fn a_half_done_upload_is_never_read_torn() {
     let _ = (HOUR_MS, MINUTE_MS);
 }
 
+fn write_parquet(path: &Path, batch: &datafusion::arrow::array::RecordBatch) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+    w.write(batch).unwrap();
+    w.close().unwrap();
+}
+
 #[tokio::test]
 async fn bad_history_files_are_named() {
     let d = data();
@@ -392,11 +399,7 @@ async fn bad_history_files_are_named() {
         Value::Null,
         Value::Timestamp(d.end - 1),
     ]);
-    let batch = b.finish().unwrap();
-    let f = std::fs::File::create(day_dir.join("zz-wrong.parquet")).unwrap();
-    let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    write_parquet(&day_dir.join("zz-wrong.parquet"), &b.finish().unwrap());
     let e = run(&opts, &store, |_| {}).await.unwrap_err();
     assert!(
         e.to_string().contains(
@@ -419,11 +422,7 @@ async fn bad_history_files_are_named() {
             Value::Timestamp(d.end - 1000),
         ]);
     }
-    let batch = b.finish().unwrap();
-    let f = std::fs::File::create(day_dir.join("zz-conflict.parquet")).unwrap();
-    let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    write_parquet(&day_dir.join("zz-conflict.parquet"), &b.finish().unwrap());
     let e = run(&opts, &store, |_| {}).await.unwrap_err();
     assert!(
         matches!(&e, BatchError::ConflictingDuplicates { ids, .. } if ids == &["e-conflict".to_string()]),
