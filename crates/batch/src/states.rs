@@ -10,13 +10,13 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, BinaryArray, StringArray, TimestampMillisecondArray,
+    Array, ArrayRef, BinaryArray, BooleanArray, StringArray, TimestampMillisecondArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
 use datafusion::common::{DataFusionError, Result as DfResult, ScalarValue};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{
-    Accumulator, AggregateUDF, AggregateUDFImpl, Signature, Volatility,
+    Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature, Volatility,
 };
 use datafusion::prelude::SessionContext;
 use lambda_core::agg::{AggState, decode_states, encode_states};
@@ -102,6 +102,147 @@ impl AggregateUDFImpl for StateUdaf {
             std::slice::from_ref(&self.agg),
             &[self.agg.empty()],
         ))))
+    }
+    fn groups_accumulator_supported(&self, _args: AccumulatorArgs) -> bool {
+        true
+    }
+    fn create_groups_accumulator(
+        &self,
+        _args: AccumulatorArgs,
+    ) -> DfResult<Box<dyn GroupsAccumulator>> {
+        Ok(Box::new(StateGroups {
+            agg: self.agg.clone(),
+            states: Vec::new(),
+            row: Vec::with_capacity(1),
+        }))
+    }
+}
+
+/// One core state per group, updated from whole batches (DataFusion's fast path for GROUP BY;
+/// the FILTER clause arrives as `opt_filter`).
+struct StateGroups {
+    agg: Aggregation,
+    states: Vec<AggState>,
+    row: Vec<Value>,
+}
+
+impl StateGroups {
+    fn grow(&mut self, total: usize) {
+        while self.states.len() < total {
+            self.states.push(self.agg.empty());
+        }
+    }
+    fn emit(&mut self, emit_to: EmitTo) -> ArrayRef {
+        let taken = emit_to.take_needed(&mut self.states);
+        let mut b = datafusion::arrow::array::BinaryBuilder::new();
+        for st in &taken {
+            b.append_value(encode_states(
+                std::slice::from_ref(&self.agg),
+                std::slice::from_ref(st),
+            ));
+        }
+        Arc::new(b.finish())
+    }
+}
+
+fn selected(filter: Option<&BooleanArray>, i: usize) -> bool {
+    filter.is_none_or(|f| f.is_valid(i) && f.value(i))
+}
+
+impl GroupsAccumulator for StateGroups {
+    fn update_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        opt_filter: Option<&BooleanArray>,
+        total_num_groups: usize,
+    ) -> DfResult<()> {
+        self.grow(total_num_groups);
+        let has_input = self.agg.input.is_some();
+        let base = has_input as usize;
+        if values.len() != base + 2 {
+            return Err(exec(format!(
+                "`{}` got {} arguments",
+                self.agg.name,
+                values.len()
+            )));
+        }
+        let ts_arr = values[base]
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>();
+        let id_arr = values[base + 1].as_any().downcast_ref::<StringArray>();
+        for (i, g) in group_indices.iter().enumerate() {
+            if !selected(opt_filter, i) {
+                continue;
+            }
+            let owned;
+            let (ts, id): (i64, &str) = match (ts_arr, id_arr) {
+                (Some(t), Some(d)) if t.is_valid(i) && d.is_valid(i) => (t.value(i), d.value(i)),
+                _ => {
+                    let (Value::Timestamp(t), Value::Str(d)) = (
+                        value_at(values[base].as_ref(), i).map_err(exec)?,
+                        value_at(values[base + 1].as_ref(), i).map_err(exec)?,
+                    ) else {
+                        return Err(exec("event time or event id is NULL or of the wrong type"));
+                    };
+                    owned = d;
+                    (t, owned.as_str())
+                }
+            };
+            self.row.clear();
+            if has_input {
+                self.row
+                    .push(value_at(values[0].as_ref(), i).map_err(exec)?);
+            }
+            self.agg.apply(&mut self.states[*g], &self.row, ts, id);
+        }
+        Ok(())
+    }
+    fn evaluate(&mut self, emit_to: EmitTo) -> DfResult<ArrayRef> {
+        Ok(self.emit(emit_to))
+    }
+    fn state(&mut self, emit_to: EmitTo) -> DfResult<Vec<ArrayRef>> {
+        Ok(vec![self.emit(emit_to)])
+    }
+    fn merge_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        total_num_groups: usize,
+    ) -> DfResult<()> {
+        self.grow(total_num_groups);
+        let arr = values[0]
+            .as_any()
+            .downcast_ref::<BinaryArray>()
+            .ok_or_else(|| DataFusionError::Internal("state is not Binary".into()))?;
+        for (i, g) in group_indices.iter().enumerate() {
+            if arr.is_null(i) {
+                continue;
+            }
+            let other =
+                decode_states(std::slice::from_ref(&self.agg), arr.value(i)).map_err(exec)?;
+            self.agg.merge(&mut self.states[*g], &other[0]);
+        }
+        Ok(())
+    }
+    fn convert_to_state(
+        &self,
+        values: &[ArrayRef],
+        opt_filter: Option<&BooleanArray>,
+    ) -> DfResult<Vec<ArrayRef>> {
+        // Each row becomes its own state (used when pre-aggregation does not reduce the rows).
+        let n = values.first().map_or(0, |a| a.len());
+        let mut one = StateGroups {
+            agg: self.agg.clone(),
+            states: Vec::new(),
+            row: Vec::with_capacity(1),
+        };
+        let groups: Vec<usize> = (0..n).collect();
+        one.update_batch(values, &groups, opt_filter, n)?;
+        Ok(vec![one.emit(EmitTo::All)])
+    }
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self) + self.states.capacity() * std::mem::size_of::<AggState>() * 2
     }
 }
 
