@@ -139,3 +139,64 @@ fn the_shipped_schedules_are_valid() {
         );
     }
 }
+
+/// `lambda-batch schedule --once` end to end: the due run happens and is recorded, a second call
+/// finds nothing due, and a held lock keeps a second copy from running.
+#[test]
+fn schedule_once_runs_records_and_respects_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = dir.path().join("schedules");
+    std::fs::create_dir_all(dir.path().join("history")).unwrap();
+    std::fs::create_dir_all(&sched).unwrap();
+    let view = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fraud/features.toml");
+    std::fs::write(
+        sched.join("job.toml"),
+        format!(
+            "name = \"job\"\ncron = \"0 0 0 * * *\"\nview = \"{}\"\nhistory = \"../history\"\noffline = \"../offline\"\nstore = \"../online.redb\"\n",
+            view.display()
+        ),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lambda-batch"))
+            .args(["schedule", "--once", "--dir"])
+            .arg(&sched)
+            .arg("--state")
+            .arg(&state)
+            .output()
+            .unwrap()
+    };
+    // A copy elsewhere holds the lock: nothing runs.
+    let s = State::open(&state).unwrap();
+    let held = s.try_lock("job", chrono_now(), HOUR).unwrap().unwrap();
+    let out = run();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(s.records().unwrap().is_empty(), "a locked job must not run");
+    drop(held);
+    // Free: the due run (last midnight) runs and is recorded.
+    let out = run();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs = s.records().unwrap();
+    assert_eq!(recs.len(), 1, "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(recs[0].outcome, "ok");
+    assert_eq!(recs[0].scheduled_ms % DAY, 0);
+    // Up to date: a second call runs nothing.
+    assert!(run().status.success());
+    assert_eq!(s.records().unwrap().len(), 1);
+}
+
+fn chrono_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
