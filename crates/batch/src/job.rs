@@ -161,8 +161,12 @@ pub struct RunSummary {
     pub row_bytes: u64,
 }
 
-/// Per entity: (tier, bucket start, encoded states) of every partial its batch row needs.
-type EntityPartials = BTreeMap<String, Vec<(Tier, i64, Vec<u8>)>>;
+/// (tier, bucket start, encoded states) of one stored partial.
+type PartialBlob = (Tier, i64, Vec<u8>);
+/// Per entity: every partial its batch row needs.
+type EntityPartials = BTreeMap<String, Vec<PartialBlob>>;
+/// A built batch row and the entity's finalized features at the cutoff.
+type BuiltRow = (Item, (String, Vec<Value>));
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> BatchError + '_ {
     move |source| BatchError::Io {
@@ -550,29 +554,63 @@ pub async fn run(
     // Batch rows, finalized features, upload.
     let aggs = view.aggs();
     let expires = c.div_euclid(1000) + opts.row_ttl_days * 86_400;
-    let mut items = Vec::with_capacity(rows.len());
-    let mut feature_rows: Vec<(String, Vec<Value>)> = Vec::with_capacity(rows.len());
-    for (entity, parts) in rows {
-        let partials = parts
-            .into_iter()
-            .map(|(tier, start_ms, blob)| {
-                Ok(Partial {
-                    tier,
-                    start_ms,
-                    states: lambda_core::agg::decode_states(&aggs, &blob)?,
+    // Rows are independent: build them on every core (order is kept: chunks are concatenated).
+    let rows: Vec<(String, Vec<PartialBlob>)> = rows.into_iter().collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    let chunk = rows.len().div_ceil(threads).max(1);
+    let built: Vec<Result<Vec<BuiltRow>, BatchError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = rows
+            .chunks(chunk)
+            .map(|part| {
+                let aggs = &aggs;
+                scope.spawn(move || {
+                    let mut out = Vec::with_capacity(part.len());
+                    for (entity, parts) in part {
+                        let partials = parts
+                            .iter()
+                            .map(|(tier, start_ms, blob)| {
+                                Ok(Partial {
+                                    tier: *tier,
+                                    start_ms: *start_ms,
+                                    states: lambda_core::agg::decode_states(aggs, blob)?,
+                                })
+                            })
+                            .collect::<Result<Vec<_>, lambda_core::agg::AggError>>()?;
+                        let row = build_batch_row(view, c, &partials);
+                        let features = features_at(view, Some(&row), &[], c)?;
+                        let item = Item {
+                            key: ItemKey::batch(&view.name, entity),
+                            data: row.encode(aggs),
+                            guard: None,
+                            expires_at: Some(expires),
+                        };
+                        out.push((item, (entity.clone(), features)));
+                    }
+                    Ok(out)
                 })
             })
-            .collect::<Result<Vec<_>, lambda_core::agg::AggError>>()?;
-        let row = build_batch_row(view, c, &partials);
-        let data = row.encode(&aggs);
-        feature_rows.push((entity.clone(), features_at(view, Some(&row), &[], c)?));
-        summary.row_bytes += data.len() as u64;
-        items.push(Item {
-            key: ItemKey::batch(&view.name, &entity),
-            data,
-            guard: None,
-            expires_at: Some(expires),
-        });
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(BatchError::Config(
+                        "a row-building thread panicked (a bug)".into(),
+                    ))
+                })
+            })
+            .collect()
+    });
+    let mut items = Vec::with_capacity(rows.len());
+    let mut feature_rows: Vec<(String, Vec<Value>)> = Vec::with_capacity(rows.len());
+    for part in built {
+        for (item, f) in part? {
+            summary.row_bytes += item.data.len() as u64;
+            items.push(item);
+            feature_rows.push(f);
+        }
     }
     summary.entities = items.len();
     write_features(
