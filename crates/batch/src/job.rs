@@ -405,40 +405,53 @@ fn read_partials(
     from: i64,
     to: i64,
 ) -> Result<(), BatchError> {
+    let perr = |e: &dyn std::fmt::Display| BatchError::Parquet {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
     let f = fs::File::open(path).map_err(io(path))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(f)
         .and_then(|b| b.build())
-        .map_err(|e| BatchError::Parquet {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        .map_err(|e| perr(&e))?;
     for b in reader {
-        let b = b.map_err(|e| BatchError::Parquet {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        let states = b
-            .column(2)
-            .as_any()
-            .downcast_ref::<BinaryArray>()
-            .ok_or_else(|| BatchError::Schema {
-                path: path.to_path_buf(),
-                message: "`states` is not Binary".into(),
-            })?;
-        for i in 0..b.num_rows() {
-            let (Ok(Value::Str(e)), Ok(Value::Timestamp(start))) = (
-                value_at(b.column(0).as_ref(), i),
-                value_at(b.column(1).as_ref(), i),
-            ) else {
-                return Err(BatchError::Schema {
-                    path: path.to_path_buf(),
-                    message: "bad entity/start".into(),
-                });
-            };
-            if start >= from && start < to {
-                into.entry(e)
-                    .or_default()
-                    .push((tier, start, states.value(i).to_vec()));
+        add_partials(&b.map_err(|e| perr(&e))?, path, into, tier, from, to)?;
+    }
+    Ok(())
+}
+
+/// Adds the partials of one (entity, start, states) batch with start in `[from, to)`; `origin`
+/// names the file in errors.
+fn add_partials(
+    b: &RecordBatch,
+    origin: &Path,
+    into: &mut EntityPartials,
+    tier: Tier,
+    from: i64,
+    to: i64,
+) -> Result<(), BatchError> {
+    let bad = |message: &str| BatchError::Schema {
+        path: origin.to_path_buf(),
+        message: message.into(),
+    };
+    let states = b
+        .column(2)
+        .as_any()
+        .downcast_ref::<BinaryArray>()
+        .ok_or_else(|| bad("`states` is not Binary"))?;
+    for i in 0..b.num_rows() {
+        let (Ok(Value::Str(e)), Ok(Value::Timestamp(start))) = (
+            value_at(b.column(0).as_ref(), i),
+            value_at(b.column(1).as_ref(), i),
+        ) else {
+            return Err(bad("bad entity/start"));
+        };
+        if start >= from && start < to {
+            let blob = (tier, start, states.value(i).to_vec());
+            match into.get_mut(e.as_str()) {
+                Some(v) => v.push(blob),
+                None => {
+                    into.insert(e, vec![blob]);
+                }
             }
         }
     }
@@ -513,15 +526,14 @@ pub async fn run(
                 let computed = day_partials(&ctx, view, &dir, *day, &todo).await?;
                 for (tier, batches) in computed {
                     if tier == Tier::Tile {
-                        let tmp = base.join(format!(".tiles-{}.parquet", std::process::id()));
-                        write_parquet(&tmp, partial_schema(), &batches)?;
                         let (from, to) = needs
                             .iter()
                             .find(|x| x.0 == Tier::Tile)
                             .map(|x| (x.1, x.2))
                             .unwrap_or((c, c));
-                        read_partials(&tmp, &mut rows, Tier::Tile, from, to)?;
-                        fs::remove_file(&tmp).map_err(io(&tmp))?;
+                        for b in &batches {
+                            add_partials(b, &dir, &mut rows, Tier::Tile, from, to)?;
+                        }
                     } else {
                         write_parquet(&partial_path(tier, *day), partial_schema(), &batches)?;
                     }

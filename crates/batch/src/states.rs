@@ -63,6 +63,12 @@ impl StateUdaf {
     }
 }
 
+impl StateUdaf {
+    fn groups(&self) -> StateGroups {
+        StateGroups::new(&self.agg)
+    }
+}
+
 /// Registers the state functions of every aggregation of `view`.
 pub fn register_state_functions(ctx: &SessionContext, view: &FeatureView) {
     for a in &view.aggregations {
@@ -84,11 +90,7 @@ impl AggregateUDFImpl for StateUdaf {
         false
     }
     fn accumulator(&self, _args: AccumulatorArgs) -> DfResult<Box<dyn Accumulator>> {
-        Ok(Box::new(StateAccumulator {
-            state: self.agg.empty(),
-            agg: self.agg.clone(),
-            row: Vec::with_capacity(1),
-        }))
+        Ok(Box::new(StateAccumulator(self.groups())))
     }
     fn state_fields(&self, args: StateFieldsArgs) -> DfResult<Vec<FieldRef>> {
         Ok(vec![Arc::new(Field::new(
@@ -110,11 +112,7 @@ impl AggregateUDFImpl for StateUdaf {
         &self,
         _args: AccumulatorArgs,
     ) -> DfResult<Box<dyn GroupsAccumulator>> {
-        Ok(Box::new(StateGroups {
-            agg: self.agg.clone(),
-            states: Vec::new(),
-            row: Vec::with_capacity(1),
-        }))
+        Ok(Box::new(self.groups()))
     }
 }
 
@@ -127,6 +125,13 @@ struct StateGroups {
 }
 
 impl StateGroups {
+    fn new(agg: &Aggregation) -> Self {
+        StateGroups {
+            agg: agg.clone(),
+            states: Vec::new(),
+            row: Vec::with_capacity(1),
+        }
+    }
     fn grow(&mut self, total: usize) {
         while self.states.len() < total {
             self.states.push(self.agg.empty());
@@ -232,11 +237,7 @@ impl GroupsAccumulator for StateGroups {
     ) -> DfResult<Vec<ArrayRef>> {
         // Each row becomes its own state (used when pre-aggregation does not reduce the rows).
         let n = values.first().map_or(0, |a| a.len());
-        let mut one = StateGroups {
-            agg: self.agg.clone(),
-            states: Vec::new(),
-            row: Vec::with_capacity(1),
-        };
+        let mut one = StateGroups::new(&self.agg);
         let groups: Vec<usize> = (0..n).collect();
         one.update_batch(values, &groups, opt_filter, n)?;
         Ok(vec![one.emit(EmitTo::All)])
@@ -246,11 +247,15 @@ impl GroupsAccumulator for StateGroups {
     }
 }
 
-#[derive(Debug)]
-struct StateAccumulator {
-    agg: Aggregation,
-    state: AggState,
-    row: Vec<Value>,
+/// The ungrouped accumulator (no GROUP BY): one group of [`StateGroups`].
+struct StateAccumulator(StateGroups);
+
+impl std::fmt::Debug for StateAccumulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateAccumulator")
+            .field("aggregation", &self.0.agg.name)
+            .finish()
+    }
 }
 
 fn exec(e: impl std::fmt::Display) -> DataFusionError {
@@ -259,78 +264,24 @@ fn exec(e: impl std::fmt::Display) -> DataFusionError {
 
 impl Accumulator for StateAccumulator {
     fn update_batch(&mut self, values: &[ArrayRef]) -> DfResult<()> {
-        let has_input = self.agg.input.is_some();
-        let base = has_input as usize;
-        if values.len() != base + 2 {
-            return Err(exec(format!(
-                "`{}` takes {}(event time, event id) arguments, got {}",
-                self.agg.name,
-                if has_input { "input, " } else { "" },
-                values.len()
-            )));
-        }
-        // Fast path: millisecond timestamps and Utf8 ids read in place, no allocation per row.
-        if let (Some(ts_arr), Some(id_arr)) = (
-            values[base]
-                .as_any()
-                .downcast_ref::<TimestampMillisecondArray>(),
-            values[base + 1].as_any().downcast_ref::<StringArray>(),
-        ) {
-            for i in 0..ts_arr.len() {
-                if ts_arr.is_null(i) || id_arr.is_null(i) {
-                    return Err(exec("NULL event time or event id"));
-                }
-                self.row.clear();
-                if has_input {
-                    self.row
-                        .push(value_at(values[0].as_ref(), i).map_err(exec)?);
-                }
-                self.agg
-                    .apply(&mut self.state, &self.row, ts_arr.value(i), id_arr.value(i));
-            }
-            return Ok(());
-        }
-        for i in 0..values[base].len() {
-            let Value::Timestamp(ts) = value_at(values[base].as_ref(), i).map_err(exec)? else {
-                return Err(exec("event time is not a timestamp"));
-            };
-            let Value::Str(id) = value_at(values[base + 1].as_ref(), i).map_err(exec)? else {
-                return Err(exec("event id is not a string"));
-            };
-            self.row.clear();
-            if has_input {
-                self.row
-                    .push(value_at(values[0].as_ref(), i).map_err(exec)?);
-            }
-            self.agg.apply(&mut self.state, &self.row, ts, &id);
-        }
-        Ok(())
+        let n = values.first().map_or(0, |a| a.len());
+        self.0.update_batch(values, &vec![0; n], None, 1)
     }
     fn evaluate(&mut self) -> DfResult<ScalarValue> {
+        self.0.grow(1);
         Ok(ScalarValue::Binary(Some(encode_states(
-            std::slice::from_ref(&self.agg),
-            std::slice::from_ref(&self.state),
+            std::slice::from_ref(&self.0.agg),
+            std::slice::from_ref(&self.0.states[0]),
         ))))
     }
     fn size(&self) -> usize {
-        std::mem::size_of_val(self) + 64
+        GroupsAccumulator::size(&self.0)
     }
     fn state(&mut self) -> DfResult<Vec<ScalarValue>> {
         Ok(vec![self.evaluate()?])
     }
     fn merge_batch(&mut self, states: &[ArrayRef]) -> DfResult<()> {
-        let arr = states[0]
-            .as_any()
-            .downcast_ref::<BinaryArray>()
-            .ok_or_else(|| DataFusionError::Internal("state is not Binary".into()))?;
-        for i in 0..arr.len() {
-            if arr.is_null(i) {
-                continue;
-            }
-            let other =
-                decode_states(std::slice::from_ref(&self.agg), arr.value(i)).map_err(exec)?;
-            self.agg.merge(&mut self.state, &other[0]);
-        }
-        Ok(())
+        let n = states.first().map_or(0, |a| a.len());
+        self.0.merge_batch(states, &vec![0; n], 1)
     }
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use common::examples;
+use common::{close, examples};
 use datafusion::datasource::MemTable;
 use lambda_batch::job::{BatchError, RunOptions, RunSummary, run};
 use lambda_core::decode::{decode_lines, value_at};
@@ -142,7 +142,6 @@ fn assert_equivalent(a: &BTreeMap<String, Item>, b: &BTreeMap<String, Item>, wha
         b.keys().collect::<Vec<_>>(),
         "{what}: entities differ"
     );
-    let close = |x: f64, y: f64| (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0);
     for (e, ia) in a {
         let (ra, rb) = (
             BatchRow::decode(&aggs, &ia.data).unwrap(),
@@ -229,9 +228,7 @@ async fn batch_rows_agree_with_the_generated_sql() {
             for (k, got) in served.iter().enumerate() {
                 let want = value_at(b.column(k + 1).as_ref(), i).unwrap();
                 let ok = match (got, &want) {
-                    (Value::Float(x), Value::Float(y)) => {
-                        (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0)
-                    }
+                    (Value::Float(x), Value::Float(y)) => close(*x, *y),
                     _ => *got == want,
                 };
                 assert!(
@@ -330,9 +327,7 @@ async fn a_half_done_upload_is_never_read_torn() {
             }
             let want = a.finalize(&st).unwrap();
             let ok = match (&served[k], &want) {
-                (Value::Float(x), Value::Float(y)) => {
-                    (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0)
-                }
+                (Value::Float(x), Value::Float(y)) => close(*x, *y),
                 (x, y) => x == y,
             };
             assert!(

@@ -8,7 +8,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use common::{all_functions_view, examples, generated, rows_of, synthetic};
+use common::{all_functions_view, close, examples, generated, rows_of, synthetic};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::datasource::MemTable;
 use lambda_core::decode::arrow_schema;
@@ -91,10 +91,6 @@ async fn run_sql(view: &FeatureView, batch: RecordBatch, as_of: i64) -> (Vec<Rec
         df.collect().await.unwrap_or_else(|e| panic!("{e}\n{text}")),
         text,
     )
-}
-
-fn close(a: f64, b: f64) -> bool {
-    (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
 }
 
 async fn assert_sql_matches_core(view: &FeatureView, batch: RecordBatch, as_of: i64) -> usize {

@@ -7,7 +7,7 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use common::{all_functions_view, examples, generated, rows_of, synthetic};
+use common::{all_functions_view, close, examples, generated, rows_of, synthetic};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::datasource::MemTable;
 use lambda_core::agg::{AggState, decode_states};
@@ -96,10 +96,6 @@ async fn sql_states(
         }
     }
     states
-}
-
-fn close(a: f64, b: f64) -> bool {
-    (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
 }
 
 async fn assert_states_match(

@@ -136,3 +136,8 @@ pub fn synthetic(view: &FeatureView, n: usize, start: i64, span: i64) -> RecordB
     }
     b.finish().unwrap()
 }
+
+/// Float results agree within 1e-9 relative (the documented bound; NaN equals NaN).
+pub fn close(a: f64, b: f64) -> bool {
+    (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
