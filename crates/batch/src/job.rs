@@ -16,8 +16,6 @@
 //!   cutoff inside, uploaded with `batch_put`: rerunning a night writes the same bytes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,6 +30,8 @@ use datafusion::datasource::listing::{
 };
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use datafusion::parquet::arrow::parquet_to_arrow_schema;
+use datafusion::parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use datafusion::prelude::SessionContext;
 use lambda_core::decode::{arrow_schema, value_at};
 use lambda_core::merge::{Partial, Tier, build_batch_row, features_at, tier_reach};
@@ -40,32 +40,27 @@ use lambda_core::{FeatureView, Value, sql};
 use lambda_store::{Item, ItemKey, OnlineStore, StoreError};
 
 use crate::states::register_state_functions;
+use crate::storage::{Location, StorageError};
 
 /// Errors of the batch job, each naming what and where.
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
-    /// A history or offline file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A Parquet file does not have the view's source schema.
-    #[error("{path}: wrong schema: {message}")]
+    /// A history or offline object could not be listed, read or written.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// A Parquet file does not have the expected schema.
+    #[error("{url}: wrong schema: {message}")]
     Schema {
         /// The file.
-        path: PathBuf,
+        url: String,
         /// What differs.
         message: String,
     },
     /// A Parquet file is corrupt or unreadable.
-    #[error("{path}: cannot read Parquet: {message}")]
+    #[error("{url}: cannot read Parquet: {message}")]
     Parquet {
         /// The file.
-        path: PathBuf,
+        url: String,
         /// The reader's message.
         message: String,
     },
@@ -107,10 +102,10 @@ pub enum BatchError {
 pub struct RunOptions {
     /// The feature view.
     pub view: FeatureView,
-    /// Directory of the Parquet history (`date=YYYY-MM-DD/*.parquet`).
-    pub history: PathBuf,
-    /// Directory of the offline store.
-    pub offline: PathBuf,
+    /// The Parquet history (`date=YYYY-MM-DD/*.parquet` below it), local or S3.
+    pub history: Location,
+    /// The offline store's root, local or S3.
+    pub offline: Location,
     /// Events before this instant are included (normally midnight UTC).
     pub cutoff_ms: i64,
     /// Recompute every partial instead of reusing stored ones.
@@ -168,13 +163,6 @@ type EntityPartials = BTreeMap<String, Vec<PartialBlob>>;
 /// A built batch row and the entity's finalized features at the cutoff.
 type BuiltRow = (Item, (String, Vec<Value>));
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> BatchError + '_ {
-    move |source| BatchError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 fn date_of(day_ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(day_ms)
         .map(|d| d.format("%Y-%m-%d").to_string())
@@ -193,65 +181,93 @@ fn partial_schema() -> SchemaRef {
     ]))
 }
 
-/// Writes batches to `path` atomically (temporary file, then rename).
-fn write_parquet(
-    path: &Path,
+/// Writes batches to `rel` below `loc` in one atomic put; returns the bytes written.
+async fn write_parquet(
+    loc: &Location,
+    rel: &str,
     schema: SchemaRef,
     batches: &[RecordBatch],
 ) -> Result<u64, BatchError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io(dir))?;
-    let tmp = dir.join(format!(
-        ".tmp-{}-{}",
-        std::process::id(),
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("part")
-    ));
-    let file = fs::File::create(&tmp).map_err(io(&tmp))?;
     let perr = |e: datafusion::parquet::errors::ParquetError| BatchError::Parquet {
-        path: tmp.clone(),
+        url: loc.url_of(rel),
         message: e.to_string(),
     };
-    let mut w = ArrowWriter::try_new(file, schema, None).map_err(perr)?;
+    let mut buf = Vec::new();
+    let mut w = ArrowWriter::try_new(&mut buf, schema, None).map_err(perr)?;
     for b in batches {
         w.write(b).map_err(perr)?;
     }
     w.close().map_err(perr)?;
-    fs::rename(&tmp, path).map_err(io(path))?;
-    Ok(fs::metadata(path).map(|m| m.len()).unwrap_or(0))
+    let n = buf.len() as u64;
+    loc.put(rel, buf).await?;
+    Ok(n)
 }
 
-/// Checks every Parquet file of a history partition has the source schema; returns (files, rows, bytes).
-fn check_partition(view: &FeatureView, dir: &Path) -> Result<(Vec<PathBuf>, u64, u64), BatchError> {
+/// Reads a Parquet file's footer only (one or two ranged reads): its metadata and Arrow schema.
+async fn read_footer(
+    loc: &Location,
+    rel: &str,
+    size: u64,
+) -> Result<(ParquetMetaData, SchemaRef), BatchError> {
+    let perr = |message: String| BatchError::Parquet {
+        url: loc.url_of(rel),
+        message,
+    };
+    if size < 12 {
+        return Err(perr(format!(
+            "{size} bytes is too small for a Parquet file"
+        )));
+    }
+    let tail_len = size.min(64 * 1024);
+    let tail = loc.get_range(rel, size - tail_len..size).await?;
+    let n = tail.len();
+    if &tail[n - 4..] != b"PAR1" {
+        return Err(perr("no Parquet magic at the end of the file".into()));
+    }
+    let meta_len = u32::from_le_bytes([tail[n - 8], tail[n - 7], tail[n - 6], tail[n - 5]]) as u64;
+    if meta_len + 8 > size {
+        return Err(perr(format!("footer length {meta_len} exceeds the file")));
+    }
+    let buf = if meta_len + 8 <= tail_len {
+        tail.slice(n - 8 - meta_len as usize..n - 8)
+    } else {
+        loc.get_range(rel, size - 8 - meta_len..size - 8).await?
+    };
+    let metadata = ParquetMetaDataReader::decode_metadata(&buf).map_err(|e| perr(e.to_string()))?;
+    let fm = metadata.file_metadata();
+    let schema = parquet_to_arrow_schema(fm.schema_descr(), fm.key_value_metadata())
+        .map_err(|e| perr(e.to_string()))?;
+    Ok((metadata, Arc::new(schema)))
+}
+
+/// Checks every Parquet file of a history partition (`rel`, e.g. `date=2025-01-01`) has the
+/// source schema, reading only the footers; returns (rows, bytes).
+async fn check_partition(
+    view: &FeatureView,
+    history: &Location,
+    rel: &str,
+) -> Result<(u64, u64), BatchError> {
     let want = arrow_schema(&view.source);
-    let mut files = Vec::new();
     let (mut rows, mut bytes) = (0u64, 0u64);
-    let mut entries: Vec<_> = fs::read_dir(dir)
-        .map_err(io(dir))?
-        .collect::<Result<_, _>>()
-        .map_err(io(dir))?;
-    entries.sort_by_key(|e| e.path());
-    for e in entries {
-        let p = e.path();
-        if p.extension().and_then(|x| x.to_str()) != Some("parquet") {
+    for meta in history.list(rel).await? {
+        let name = meta.location.filename().unwrap_or_default().to_string();
+        if !name.ends_with(".parquet") {
             continue;
         }
-        let f = fs::File::open(&p).map_err(io(&p))?;
-        let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| BatchError::Parquet {
-            path: p.clone(),
-            message: e.to_string(),
-        })?;
-        let got = b.schema();
+        let file_rel = format!("{rel}/{name}");
+        let url = history.url_of(&file_rel);
+        let (metadata, got) = read_footer(history, &file_rel, meta.size).await?;
         for field in want.fields() {
             match got.field_with_name(field.name()) {
                 Err(_) => {
                     return Err(BatchError::Schema {
-                        path: p,
+                        url,
                         message: format!("column `{}` is missing", field.name()),
                     });
                 }
                 Ok(g) if g.data_type() != field.data_type() => {
                     return Err(BatchError::Schema {
-                        path: p,
+                        url,
                         message: format!(
                             "column `{}` is {}, expected {}",
                             field.name(),
@@ -263,11 +279,10 @@ fn check_partition(view: &FeatureView, dir: &Path) -> Result<(Vec<PathBuf>, u64,
                 Ok(_) => {}
             }
         }
-        rows += b.metadata().file_metadata().num_rows() as u64;
-        bytes += fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-        files.push(p);
+        rows += metadata.file_metadata().num_rows() as u64;
+        bytes += meta.size;
     }
-    Ok((files, rows, bytes))
+    Ok((rows, bytes))
 }
 
 /// Runs the partial-state query of one day for `tiers`, returning per tier the rows
@@ -275,25 +290,23 @@ fn check_partition(view: &FeatureView, dir: &Path) -> Result<(Vec<PathBuf>, u64,
 async fn day_partials(
     ctx: &SessionContext,
     view: &FeatureView,
-    dir: &Path,
+    dir_url: &str,
     day: i64,
     tiers: &[(Tier, i64, i64)],
 ) -> Result<BTreeMap<Tier, Vec<RecordBatch>>, BatchError> {
     let table = view.source.name.clone();
-    let abs = std::path::absolute(dir).map_err(io(dir))?;
-    let url = ListingTableUrl::parse(format!("{}/", abs.display())).map_err(|source| {
-        BatchError::Query {
-            what: format!("history {}", dir.display()),
+    let url =
+        ListingTableUrl::parse(format!("{dir_url}/")).map_err(|source| BatchError::Query {
+            what: format!("history {dir_url}"),
             source,
-        }
-    })?;
+        })?;
     let options =
         ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
         .with_schema(arrow_schema(&view.source));
     let listing = ListingTable::try_new(config).map_err(|source| BatchError::Query {
-        what: format!("history {}", dir.display()),
+        what: format!("history {dir_url}"),
         source,
     })?;
     ctx.deregister_table(table.as_str()).ok();
@@ -398,23 +411,27 @@ fn to_partial_batches(
     Ok(out)
 }
 
-fn read_partials(
-    path: &Path,
+async fn read_partials(
+    offline: &Location,
+    rel: &str,
     into: &mut EntityPartials,
     tier: Tier,
     from: i64,
     to: i64,
 ) -> Result<(), BatchError> {
+    let url = offline.url_of(rel);
     let perr = |e: &dyn std::fmt::Display| BatchError::Parquet {
-        path: path.to_path_buf(),
+        url: url.clone(),
         message: e.to_string(),
     };
-    let f = fs::File::open(path).map_err(io(path))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+    let Some(data) = offline.get(rel).await? else {
+        return Err(perr(&"the stored partial file disappeared"));
+    };
+    let reader = ParquetRecordBatchReaderBuilder::try_new(data)
         .and_then(|b| b.build())
         .map_err(|e| perr(&e))?;
     for b in reader {
-        add_partials(&b.map_err(|e| perr(&e))?, path, into, tier, from, to)?;
+        add_partials(&b.map_err(|e| perr(&e))?, &url, into, tier, from, to)?;
     }
     Ok(())
 }
@@ -423,14 +440,14 @@ fn read_partials(
 /// names the file in errors.
 fn add_partials(
     b: &RecordBatch,
-    origin: &Path,
+    origin: &str,
     into: &mut EntityPartials,
     tier: Tier,
     from: i64,
     to: i64,
 ) -> Result<(), BatchError> {
     let bad = |message: &str| BatchError::Schema {
-        path: origin.to_path_buf(),
+        url: origin.to_string(),
         message: message.into(),
     };
     let states = b
@@ -475,7 +492,8 @@ pub async fn run(
     }
     let ctx = crate::session();
     register_state_functions(&ctx, view);
-    let base = opts.offline.join(&view.name);
+    opts.history.register(&ctx);
+    let base = &view.name;
     let mut summary = RunSummary::default();
     // What each tier needs: [C - reach, C).
     let needs: Vec<(Tier, i64, i64)> = Tier::ALL
@@ -495,11 +513,11 @@ pub async fn run(
         d += DAY_MS;
     }
     let partial_path = |tier: Tier, day: i64| {
-        base.join(format!(
-            "partials/tier={}/date={}/part-0.parquet",
+        format!(
+            "{base}/partials/tier={}/date={}/part-0.parquet",
             tier.name(),
             date_of(day)
-        ))
+        )
     };
     let mut rows: EntityPartials = BTreeMap::new();
     let started = Instant::now();
@@ -512,18 +530,21 @@ pub async fn run(
             if *day + DAY_MS <= *from || *day >= *to {
                 continue;
             }
-            let stored = *tier != Tier::Tile && partial_path(*tier, *day).exists();
+            let stored = *tier != Tier::Tile
+                && !opts.full
+                && opts.offline.exists(&partial_path(*tier, *day)).await?;
             if *tier == Tier::Tile || opts.full || !stored {
                 todo.push((*tier, *from, *to));
             }
         }
-        let dir = opts.history.join(format!("date={}", date_of(*day)));
+        let dir = format!("date={}", date_of(*day));
+        let dir_url = opts.history.url_of(&dir);
         if !todo.is_empty() {
-            if dir.exists() {
-                let (_, r, b) = check_partition(view, &dir)?;
+            let (r, b) = check_partition(view, &opts.history, &dir).await?;
+            if b > 0 {
                 summary.rows_in += r;
                 summary.bytes_in += b;
-                let computed = day_partials(&ctx, view, &dir, *day, &todo).await?;
+                let computed = day_partials(&ctx, view, &dir_url, *day, &todo).await?;
                 for (tier, batches) in computed {
                     if tier == Tier::Tile {
                         let (from, to) = needs
@@ -532,10 +553,16 @@ pub async fn run(
                             .map(|x| (x.1, x.2))
                             .unwrap_or((c, c));
                         for b in &batches {
-                            add_partials(b, &dir, &mut rows, Tier::Tile, from, to)?;
+                            add_partials(b, &dir_url, &mut rows, Tier::Tile, from, to)?;
                         }
                     } else {
-                        write_parquet(&partial_path(tier, *day), partial_schema(), &batches)?;
+                        write_parquet(
+                            &opts.offline,
+                            &partial_path(tier, *day),
+                            partial_schema(),
+                            &batches,
+                        )
+                        .await?;
                     }
                 }
                 summary.days_computed += 1;
@@ -549,7 +576,13 @@ pub async fn run(
             } else {
                 // No history that day: an empty partial file records it as done.
                 for (tier, _, _) in todo.iter().filter(|t| t.0 != Tier::Tile) {
-                    write_parquet(&partial_path(*tier, *day), partial_schema(), &[])?;
+                    write_parquet(
+                        &opts.offline,
+                        &partial_path(*tier, *day),
+                        partial_schema(),
+                        &[],
+                    )
+                    .await?;
                 }
             }
         } else {
@@ -557,7 +590,15 @@ pub async fn run(
         }
         for (tier, from, to) in needs.iter().filter(|t| t.0 != Tier::Tile) {
             if *day + DAY_MS > *from && *day < *to {
-                read_partials(&partial_path(*tier, *day), &mut rows, *tier, *from, *to)?;
+                read_partials(
+                    &opts.offline,
+                    &partial_path(*tier, *day),
+                    &mut rows,
+                    *tier,
+                    *from,
+                    *to,
+                )
+                .await?;
             }
         }
     }
@@ -627,9 +668,11 @@ pub async fn run(
     summary.entities = items.len();
     write_features(
         view,
-        &base.join(format!("features/cutoff={}/part-0.parquet", date_of(c))),
+        &opts.offline,
+        &format!("{base}/features/cutoff={}/part-0.parquet", date_of(c)),
         &feature_rows,
-    )?;
+    )
+    .await?;
     let total = items.len();
     for (i, chunk) in items.chunks(5_000).enumerate() {
         store.batch_put(chunk).await?;
@@ -642,9 +685,10 @@ pub async fn run(
 }
 
 /// Writes the finalized features (entity + one column per feature, documented output types).
-fn write_features(
+async fn write_features(
     view: &FeatureView,
-    path: &Path,
+    offline: &Location,
+    rel: &str,
     rows: &[(String, Vec<Value>)],
 ) -> Result<u64, BatchError> {
     let feats = view.features();
@@ -680,22 +724,23 @@ fn write_features(
     let batch = b.finish().map_err(|e| BatchError::Config(e.to_string()))?;
     let batch = RecordBatch::try_new(schema.clone(), batch.columns().to_vec())
         .map_err(|e| BatchError::Config(e.to_string()))?;
-    write_parquet(path, schema, &[batch])
+    write_parquet(offline, rel, schema, &[batch]).await
 }
 
-/// The entities and dates of stored partials (for tests and `lambda-batch status`).
-pub fn stored_days(offline: &Path, view: &str, tier: Tier) -> BTreeSet<String> {
-    let dir = offline
-        .join(view)
-        .join(format!("partials/tier={}", tier.name()));
-    fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix("date=").map(String::from))
+/// The dates of stored partials of `tier` (for tests and status output).
+pub async fn stored_days(
+    offline: &Location,
+    view: &str,
+    tier: Tier,
+) -> Result<BTreeSet<String>, BatchError> {
+    Ok(offline
+        .list(&format!("{view}/partials/tier={}", tier.name()))
+        .await?
+        .iter()
+        .filter_map(|m| {
+            m.location
+                .parts()
+                .find_map(|p| p.as_ref().strip_prefix("date=").map(String::from))
         })
-        .collect()
+        .collect())
 }

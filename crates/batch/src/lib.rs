@@ -25,6 +25,7 @@ use lambda_core::sql::APPROX_DISTINCT_UDAF;
 pub mod job;
 pub mod schedule;
 pub mod states;
+pub mod storage;
 
 /// A DataFusion session configured for lambda's SQL: strings stay `Utf8` (not `Utf8View`, so the
 /// output types are exactly the documented ones whatever the input format), and the lambda

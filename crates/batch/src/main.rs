@@ -98,13 +98,14 @@ struct RunArgs {
     /// The feature definition (TOML).
     #[arg(long)]
     view: PathBuf,
-    /// The Parquet history: a directory (or file:// URL) of `date=YYYY-MM-DD/` partitions.
-    /// Default: the view's `batch.history`.
+    /// The Parquet history: a directory, `file://` or `s3://bucket/prefix` URL holding
+    /// `date=YYYY-MM-DD/` partitions. Default: the view's `batch.history`.
     #[arg(long)]
     history: Option<String>,
-    /// The offline store directory (partial states and finalized features, Parquet).
+    /// The offline store (partial states and finalized features, Parquet): a directory or
+    /// `s3://bucket/prefix`.
     #[arg(long, default_value = "data/offline")]
-    offline: PathBuf,
+    offline: String,
     /// The online store: a redb file path (embedded default) or `dynamodb://TABLE`.
     #[arg(long, default_value = "data/online.redb")]
     store: String,
@@ -114,6 +115,9 @@ struct RunArgs {
     /// Custom DynamoDB endpoint (an emulator such as DynamoDB Local); unset for AWS.
     #[arg(long, env = "AWS_ENDPOINT_URL_DYNAMODB")]
     endpoint: Option<String>,
+    /// Custom S3 endpoint for `s3://` locations (an emulator); unset for AWS.
+    #[arg(long, env = "AWS_ENDPOINT_URL_S3")]
+    s3_endpoint: Option<String>,
     /// The cutoff, a UTC date (events before its midnight are included); default: the last midnight.
     #[arg(long)]
     cutoff: Option<String>,
@@ -198,10 +202,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
-    use std::sync::Arc;
 
     use lambda_batch::job::{Progress, RunOptions, run};
-    use lambda_store::OnlineStore;
+    use lambda_batch::storage::{Location, S3Options};
 
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -214,13 +217,13 @@ fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
         .history
         .clone()
         .unwrap_or_else(|| view.batch.history.clone());
-    let history = match history.strip_prefix("file://") {
-        Some(p) => PathBuf::from(p),
-        None if history.starts_with("s3://") => anyhow::bail!(
-            "--history {history}: S3 history is not supported by this build yet (use a local directory)"
-        ),
-        None => PathBuf::from(history),
+    let s3 = S3Options {
+        region: Some(args.region.clone()),
+        endpoint: args.s3_endpoint.clone(),
+        static_credentials: None,
     };
+    let history = Location::parse(&history, &s3).context("--history")?;
+    let offline = Location::parse(&args.offline, &s3).context("--offline")?;
     let cutoff_ms = match &args.cutoff {
         Some(d) => {
             chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d")
@@ -237,20 +240,13 @@ fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async {
-        let store: Arc<dyn OnlineStore> = match args.store.strip_prefix("dynamodb://") {
-            Some(table) => {
-                let mut cfg = lambda_store::dynamo::DynamoConfig::new(table, &args.region);
-                cfg.endpoint = args.endpoint.clone();
-                let s = lambda_store::dynamo::DynamoStore::connect(cfg).await;
-                s.healthcheck().await.with_context(|| format!("checking the online store {}", args.store))?;
-                Arc::new(s)
-            }
-            None => Arc::new(lambda_store::embedded::EmbeddedStore::open(&args.store)?),
-        };
+        let store = open_store(&args.store, &args.region, args.endpoint.as_deref()).await?;
+        history.check().await.context("--history")?;
+        offline.check().await.context("--offline")?;
         let opts = RunOptions {
             view: view.clone(),
             history,
-            offline: args.offline.clone(),
+            offline,
             cutoff_ms,
             full: args.full,
             row_ttl_days: args.row_ttl_days,
@@ -288,6 +284,26 @@ fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
             started.elapsed().as_secs_f64()
         );
         Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
+    })
+}
+
+/// Opens the online store: a redb file path or `dynamodb://TABLE` (checked to be reachable).
+async fn open_store(
+    text: &str,
+    region: &str,
+    endpoint: Option<&str>,
+) -> anyhow::Result<std::sync::Arc<dyn lambda_store::OnlineStore>> {
+    Ok(match text.strip_prefix("dynamodb://") {
+        Some(table) => {
+            let mut cfg = lambda_store::dynamo::DynamoConfig::new(table, region);
+            cfg.endpoint = endpoint.map(String::from);
+            let s = lambda_store::dynamo::DynamoStore::connect(cfg).await;
+            s.healthcheck()
+                .await
+                .with_context(|| format!("checking the online store {text}"))?;
+            std::sync::Arc::new(s)
+        }
+        None => std::sync::Arc::new(lambda_store::embedded::EmbeddedStore::open(text)?),
     })
 }
 
@@ -349,6 +365,7 @@ fn schedule(
 ) -> anyhow::Result<ExitCode> {
     use lambda_batch::job::{RunOptions, run};
     use lambda_batch::schedule::{Job, RunRecord, State, retry_backoff_ms};
+    use lambda_batch::storage::{Location, S3Options};
 
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -400,21 +417,25 @@ fn schedule(
                         continue;
                     };
                     let view = FeatureView::load(&j.view)?;
+                    let s3 = S3Options::default();
+                    let history = j.history.clone().unwrap_or_else(|| view.batch.history.clone());
                     let opts = RunOptions {
-                        history: j.history.clone().unwrap_or_else(|| PathBuf::from(view.batch.history.trim_start_matches("file://"))),
-                        offline: j.offline.clone(),
+                        history: Location::parse(&history, &s3).with_context(|| format!("job {}: history", j.name))?,
+                        offline: Location::parse(&j.offline, &s3).with_context(|| format!("job {}: offline", j.name))?,
                         cutoff_ms: last_midnight(scheduled) + view.batch.cutoff_offset.millis(),
                         full: false,
                         row_ttl_days: 7,
                         view,
                     };
-                    let store = lambda_store::embedded::EmbeddedStore::open(&j.store)?;
+                    let region = std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into());
+                    let endpoint = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").ok();
+                    let store = open_store(&j.store, &region, endpoint.as_deref()).await?;
                     let started = now();
                     let mut attempts = 0;
                     let outcome = loop {
                         attempts += 1;
                         tracing::info!(job = %j.name, scheduled = %format_ts(scheduled), cutoff = %format_ts(opts.cutoff_ms), attempts, "Running.");
-                        match run(&opts, &store, |_| {}).await {
+                        match run(&opts, store.as_ref(), |_| {}).await {
                             Ok(s) => break Ok(s),
                             Err(e) if attempts <= j.retries => {
                                 let wait = retry_backoff_ms(attempts);

@@ -56,9 +56,9 @@ struct RawJob {
     name: String,
     cron: String,
     view: PathBuf,
-    history: Option<PathBuf>,
-    offline: PathBuf,
-    store: PathBuf,
+    history: Option<String>,
+    offline: String,
+    store: String,
     #[serde(default = "default_catch_up")]
     catch_up: u32,
     #[serde(default = "default_retries")]
@@ -83,16 +83,25 @@ pub struct Job {
     pub cron_text: String,
     /// Feature definition.
     pub view: PathBuf,
-    /// History directory (default: the view's `batch.history`).
-    pub history: Option<PathBuf>,
-    /// Offline store directory.
-    pub offline: PathBuf,
-    /// Online store (redb file).
-    pub store: PathBuf,
+    /// History location, a directory or `s3://bucket/prefix` (default: the view's `batch.history`).
+    pub history: Option<String>,
+    /// Offline store location, a directory or `s3://bucket/prefix`.
+    pub offline: String,
+    /// Online store: a redb file or `dynamodb://TABLE`.
+    pub store: String,
     /// Most missed runs to catch up.
     pub catch_up: u32,
     /// Extra attempts of a failed run.
     pub retries: u32,
+}
+
+/// A location relative to the schedule file's directory, unless it is a URL or absolute.
+fn resolve(base: &Path, text: &str) -> String {
+    if text.contains("://") {
+        text.to_string()
+    } else {
+        base.join(text).display().to_string()
+    }
 }
 
 impl Job {
@@ -137,9 +146,9 @@ impl Job {
             cron,
             cron_text: raw.cron,
             view: base.join(raw.view),
-            history: raw.history.map(|h| base.join(h)),
-            offline: base.join(raw.offline),
-            store: base.join(raw.store),
+            history: raw.history.map(|h| resolve(base, &h)),
+            offline: resolve(base, &raw.offline),
+            store: resolve(base, &raw.store),
             catch_up: raw.catch_up,
             retries: raw.retries,
         })

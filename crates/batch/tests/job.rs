@@ -11,6 +11,7 @@ use std::sync::Arc;
 use common::{close, examples};
 use datafusion::datasource::MemTable;
 use lambda_batch::job::{BatchError, RunOptions, RunSummary, run};
+use lambda_batch::storage::{Location, S3Options};
 use lambda_core::decode::{decode_lines, value_at};
 use lambda_core::merge::{BatchRow, Tile, features_at};
 use lambda_core::time::{DAY_MS, HOUR_MS, MINUTE_MS, served_range, tile_start};
@@ -42,6 +43,10 @@ fn data() -> Data {
     }
 }
 
+fn local(p: &Path) -> Location {
+    Location::parse(&p.display().to_string(), &S3Options::default()).unwrap()
+}
+
 fn view() -> FeatureView {
     FeatureView::load(examples().join("features.toml")).unwrap()
 }
@@ -49,14 +54,31 @@ fn view() -> FeatureView {
 async fn run_into(
     d: &Data,
     offline: &Path,
-    store: &EmbeddedStore,
+    store: &dyn OnlineStore,
+    cutoff: i64,
+    full: bool,
+) -> RunSummary {
+    run_at(
+        &local(&d.root.join("history")),
+        &local(offline),
+        store,
+        cutoff,
+        full,
+    )
+    .await
+}
+
+async fn run_at(
+    history: &Location,
+    offline: &Location,
+    store: &dyn OnlineStore,
     cutoff: i64,
     full: bool,
 ) -> RunSummary {
     let opts = RunOptions {
         view: view(),
-        history: d.root.join("history"),
-        offline: offline.to_path_buf(),
+        history: history.clone(),
+        offline: offline.clone(),
         cutoff_ms: cutoff,
         full,
         row_ttl_days: 3650,
@@ -64,7 +86,7 @@ async fn run_into(
     run(&opts, store, |_| {}).await.unwrap()
 }
 
-async fn rows(store: &EmbeddedStore, entities: &[String]) -> BTreeMap<String, Item> {
+async fn rows(store: &dyn OnlineStore, entities: &[String]) -> BTreeMap<String, Item> {
     let keys: Vec<_> = entities
         .iter()
         .map(|e| lambda_store::ItemKey::batch("fraud_user", e))
@@ -247,14 +269,30 @@ async fn batch_rows_agree_with_the_generated_sql() {
 async fn a_half_done_upload_is_never_read_torn() {
     let d = data();
     let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(tmp.path().join("s.redb")).unwrap();
+    let (history, offline) = (
+        local(&d.root.join("history")),
+        local(&tmp.path().join("off")),
+    );
+    half_done_upload_serves_exactly(&d, &history, &offline, &store).await;
+}
+
+/// Uploads night N into `store`, then only half of night N+1's rows; every entity must still be
+/// served exactly (the rows of either night merged with speed tiles from their own cutoff).
+async fn half_done_upload_serves_exactly(
+    d: &Data,
+    history: &Location,
+    offline: &Location,
+    store: &dyn OnlineStore,
+) {
+    let tmp = tempfile::tempdir().unwrap();
     let v = view();
     let aggs = v.aggs();
-    let store = EmbeddedStore::open(tmp.path().join("s.redb")).unwrap();
     let old = d.end - DAY_MS;
-    run_into(&d, &tmp.path().join("off"), &store, old, false).await;
+    run_at(history, offline, store, old, false).await;
     // The next night's rows, of which only half reach the store before the lookup.
     let next = EmbeddedStore::open(tmp.path().join("next.redb")).unwrap();
-    run_into(&d, &tmp.path().join("off"), &next, d.end, false).await;
+    run_at(history, offline, &next, d.end, false).await;
     let new_rows = rows(&next, &users()).await;
     let half: Vec<Item> = new_rows
         .values()
@@ -295,7 +333,7 @@ async fn a_half_done_upload_is_never_read_torn() {
         }
     }
     let t = d.end; // every event is before t
-    let stored = rows(&store, &users()).await;
+    let stored = rows(store, &users()).await;
     let (mut with_new, mut with_old) = (0, 0);
     for (e, item) in &stored {
         let row = BatchRow::decode(&aggs, &item.data).unwrap();
@@ -365,8 +403,8 @@ async fn bad_history_files_are_named() {
     .unwrap();
     let opts = RunOptions {
         view: view(),
-        history: d.root.join("history"),
-        offline: tmp.path().join("off"),
+        history: local(&d.root.join("history")),
+        offline: local(&tmp.path().join("off")),
         cutoff_ms: d.end,
         full: false,
         row_ttl_days: 3650,
@@ -434,47 +472,152 @@ async fn bad_history_files_are_named() {
     );
 }
 
-/// The same job uploading to DynamoDB Local (started by `make test`) gives the same rows as the
-/// embedded store.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uploads_to_dynamodb_like_to_the_embedded_store() {
-    use lambda_store::dynamo::{DynamoConfig, DynamoStore};
-    let endpoint = std::env::var("LAMBDA_TEST_DYNAMODB_ENDPOINT").expect(
-        "LAMBDA_TEST_DYNAMODB_ENDPOINT is not set: run `make test` (it starts DynamoDB Local)",
+fn aws_endpoint(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run `make test` (it starts the local AWS emulators)")
+    })
+}
+
+fn s3_options() -> S3Options {
+    S3Options {
+        region: Some("us-east-1".into()),
+        endpoint: Some(aws_endpoint("LAMBDA_TEST_S3_ENDPOINT")),
+        static_credentials: Some(("test".into(), "test".into())),
+    }
+}
+
+/// Creates a bucket on the S3 emulator (buckets come from the infra template in production).
+async fn create_bucket(name: &str) {
+    let url = format!("{}/{name}", aws_endpoint("LAMBDA_TEST_S3_ENDPOINT"));
+    let r = reqwest::Client::new().put(&url).send().await.unwrap();
+    assert!(
+        r.status().is_success(),
+        "creating bucket {name}: {}",
+        r.status()
     );
-    let d = data();
-    let tmp = tempfile::tempdir().unwrap();
-    let table = format!("lambda-batch-{}-{}", std::process::id(), d.end);
-    let mut cfg = DynamoConfig::new(&table, "us-east-1");
-    cfg.endpoint = Some(endpoint);
+}
+
+/// Copies the generated local history into an S3 location through the job's own storage layer.
+async fn upload_dir(from: &Path, to: &Location) {
+    let mut stack = vec![from.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(from).unwrap().display().to_string();
+                to.put(&rel, std::fs::read(&p).unwrap()).await.unwrap();
+            }
+        }
+    }
+}
+
+async fn dynamo_table(name: &str) -> lambda_store::dynamo::DynamoStore {
+    use lambda_store::dynamo::{DynamoConfig, DynamoStore};
+    let mut cfg = DynamoConfig::new(name, "us-east-1");
+    cfg.endpoint = Some(aws_endpoint("LAMBDA_TEST_DYNAMODB_ENDPOINT"));
     cfg.static_credentials = Some(("test".into(), "test".into()));
     let dynamo = DynamoStore::connect(cfg).await;
     dynamo.create_table().await.unwrap();
-    let opts = RunOptions {
-        view: view(),
-        history: d.root.join("history"),
-        offline: tmp.path().join("off"),
-        cutoff_ms: d.end,
-        full: false,
-        row_ttl_days: 3650,
-    };
-    let s = run(&opts, &dynamo, |_| {}).await.unwrap();
-    let embedded = EmbeddedStore::open(tmp.path().join("e.redb")).unwrap();
-    run(&opts, &embedded, |_| {}).await.unwrap();
-    let keys: Vec<_> = users()
-        .iter()
-        .map(|e| lambda_store::ItemKey::batch("fraud_user", e))
-        .collect();
-    let from_dynamo: BTreeMap<String, Item> = users()
-        .into_iter()
-        .zip(dynamo.batch_get(&keys).await.unwrap())
-        .filter_map(|(e, i)| i.map(|i| (e, i)))
-        .collect();
-    assert_eq!(from_dynamo.len(), s.entities);
-    assert_equivalent(
-        &from_dynamo,
-        &rows(&embedded, &users()).await,
-        "dynamodb vs embedded",
+    dynamo
+}
+
+/// The whole job on the local AWS emulators — history and offline store on S3 (moto), batch rows
+/// in DynamoDB (DynamoDB Local), both started by `make test` — gives the rows of the embedded
+/// default; full and incremental agree, a rerun is idempotent, a half-done upload is never torn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_s3_and_dynamodb_like_the_embedded_default() {
+    let d = data();
+    let tmp = tempfile::tempdir().unwrap();
+    let tag = format!("{}-{}", std::process::id(), d.end);
+    let bucket = format!("lambda-test-{tag}");
+    create_bucket(&bucket).await;
+    let s3 = s3_options();
+    let history = Location::parse(&format!("s3://{bucket}/events/history"), &s3).unwrap();
+    upload_dir(&d.root.join("history"), &history).await;
+    let (off_full, off_inc, off_torn) = (
+        Location::parse(&format!("s3://{bucket}/offline-full"), &s3).unwrap(),
+        Location::parse(&format!("s3://{bucket}/offline-inc"), &s3).unwrap(),
+        Location::parse(&format!("s3://{bucket}/offline-torn"), &s3).unwrap(),
     );
-    dynamo.delete_table().await.unwrap();
+    let full = dynamo_table(&format!("lambda-batch-full-{tag}")).await;
+    let inc = dynamo_table(&format!("lambda-batch-inc-{tag}")).await;
+    let s = run_at(&history, &off_full, &full, d.end, true).await;
+    assert!(s.entities > 100 && s.rows_in > 30_000, "{s:?}");
+    for back in [2, 1] {
+        run_at(&history, &off_inc, &inc, d.end - back * DAY_MS, false).await;
+    }
+    let last = run_at(&history, &off_inc, &inc, d.end, false).await;
+    assert_eq!(
+        last.days_computed, 1,
+        "only the new night is read: {last:?}"
+    );
+    let stored =
+        lambda_batch::job::stored_days(&off_inc, "fraud_user", lambda_core::merge::Tier::Day)
+            .await
+            .unwrap();
+    assert!(
+        stored.contains("2025-12-31") && stored.len() >= 30,
+        "{stored:?}"
+    );
+    let features = off_inc
+        .get("fraud_user/features/cutoff=2026-01-01/part-0.parquet")
+        .await
+        .unwrap()
+        .expect("features on S3");
+    assert!(features.len() > 1000);
+    // The embedded default over the local copy of the same history.
+    let embedded = EmbeddedStore::open(tmp.path().join("e.redb")).unwrap();
+    run_into(&d, &tmp.path().join("off"), &embedded, d.end, false).await;
+    let (a, b, e) = (
+        rows(&full, &users()).await,
+        rows(&inc, &users()).await,
+        rows(&embedded, &users()).await,
+    );
+    assert_eq!(a.len(), s.entities);
+    assert_equivalent(&a, &b, "S3+DynamoDB full vs incremental");
+    assert_equivalent(&a, &e, "S3+DynamoDB vs embedded");
+    // A rerun of the night writes the same rows.
+    run_at(&history, &off_inc, &inc, d.end, false).await;
+    assert_equivalent(&rows(&inc, &users()).await, &b, "rerun on DynamoDB");
+    // A half-done upload to DynamoDB is never read torn.
+    let torn = dynamo_table(&format!("lambda-batch-torn-{tag}")).await;
+    half_done_upload_serves_exactly(&d, &history, &off_torn, &torn).await;
+    for t in [full, inc, torn] {
+        t.delete_table().await.unwrap();
+    }
+}
+
+/// A missing bucket or a dead endpoint is an error naming the object, and nothing is uploaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_history_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(tmp.path().join("s.redb")).unwrap();
+    let s3 = s3_options();
+    let dead = S3Options {
+        endpoint: Some("http://127.0.0.1:9".into()),
+        ..s3.clone()
+    };
+    for (text, s3) in [("s3://no-such-bucket-lambda/h", &s3), ("s3://b/h", &dead)] {
+        let opts = RunOptions {
+            view: view(),
+            history: Location::parse(text, s3).unwrap(),
+            offline: local(&tmp.path().join("off")),
+            cutoff_ms: 1_767_225_600_000,
+            full: false,
+            row_ttl_days: 3650,
+        };
+        let e = run(&opts, &store, |_| {}).await.unwrap_err();
+        let msg = format!("{e}");
+        assert!(msg.contains(&format!("{text}/date=")), "{text}: {msg}");
+        assert!(
+            store
+                .query("fraud_user#u0000000", "", "~")
+                .await
+                .unwrap()
+                .is_empty(),
+            "nothing uploaded"
+        );
+    }
 }
