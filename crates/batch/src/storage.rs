@@ -116,6 +116,18 @@ impl Location {
         }
         let path = text.strip_prefix("file://").unwrap_or(text);
         let abs = std::path::absolute(path).map_err(|e| bad(&e.to_string()))?;
+        // Resolve `..` lexically (object paths cannot hold it; the directory may not exist yet).
+        let mut clean = std::path::PathBuf::new();
+        for c in abs.components() {
+            match c {
+                std::path::Component::ParentDir => {
+                    clean.pop();
+                }
+                std::path::Component::CurDir => {}
+                c => clean.push(c),
+            }
+        }
+        let abs = clean;
         let root = ObjPath::from_absolute_path(&abs).map_err(|e| bad(&e.to_string()))?;
         Ok(Location {
             store: Arc::new(LocalFileSystem::new()),
