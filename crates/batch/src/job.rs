@@ -92,6 +92,14 @@ pub enum BatchError {
         /// Up to five of the ids.
         ids: Vec<String>,
     },
+    /// The view's hand-written SQL cannot be read, fails, or does not give the expected columns.
+    #[error("hand-written SQL {file}: {message}")]
+    HandWrittenSql {
+        /// The SQL file.
+        file: String,
+        /// What is wrong.
+        message: String,
+    },
     /// Unsupported option.
     #[error("{0}")]
     Config(String),
@@ -154,6 +162,9 @@ pub struct RunSummary {
     pub entities: usize,
     /// Bytes of batch rows uploaded.
     pub row_bytes: u64,
+    /// With hand-written SQL: entities whose hand-written features differ from the definition's
+    /// (drift; the parity checker says where and why). `None` without hand-written SQL.
+    pub sql_drift: Option<usize>,
 }
 
 /// (tier, bucket start, encoded states) of one stored partial.
@@ -666,6 +677,21 @@ pub async fn run(
         }
     }
     summary.entities = items.len();
+    if let Some(file) = &view.batch.sql {
+        let hand = hand_written_features(&ctx, opts, file).await?;
+        let ours: BTreeMap<&str, &Vec<Value>> =
+            feature_rows.iter().map(|(e, v)| (e.as_str(), v)).collect();
+        let drift = hand
+            .iter()
+            .filter(|(e, v)| ours.get(e.as_str()).is_none_or(|o| !same_values(o, v)))
+            .count()
+            + ours.len().saturating_sub(hand.len());
+        if drift > 0 {
+            tracing::warn!(view = %view.name, file = %file.display(), entities = drift, "Hand-written SQL differs from the feature definition (run the parity checker for where and why).");
+        }
+        summary.sql_drift = Some(drift);
+        feature_rows = hand;
+    }
     write_features(
         view,
         &opts.offline,
@@ -684,6 +710,127 @@ pub async fn run(
     Ok(summary)
 }
 
+/// Equal feature values; floats within 1e-9 relative (engines sum in different orders).
+fn same_values(a: &[Value], b: &[Value]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| match (x, y) {
+            (Value::Float(x), Value::Float(y)) => {
+                x == y || (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1e-300)
+            }
+            _ => x == y,
+        })
+}
+
+/// The Arrow schema of the finalized features: `entity`, then every feature with its output type.
+pub fn features_schema(view: &FeatureView) -> SchemaRef {
+    let mut fields = vec![Field::new("entity", DataType::Utf8, false)];
+    for f in view.features() {
+        let ty = view.aggregations[f.aggregation].aggregation.output_type;
+        fields.push(Field::new(&f.name, ty.arrow_type(), true));
+    }
+    Arc::new(Schema::new(fields))
+}
+
+/// Runs the view's hand-written SQL (`{{cutoff}}` substituted, the source table over the history
+/// days its longest window needs) and returns its rows, after checking they have exactly the
+/// columns and types of [`features_schema`].
+async fn hand_written_features(
+    ctx: &SessionContext,
+    opts: &RunOptions,
+    file: &std::path::Path,
+) -> Result<Vec<(String, Vec<Value>)>, BatchError> {
+    let view = &opts.view;
+    let bad = |message: String| BatchError::HandWrittenSql {
+        file: file.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(file).map_err(|e| bad(e.to_string()))?;
+    let c = opts.cutoff_ms;
+    let longest = view
+        .features()
+        .iter()
+        .map(|f| f.window.millis() + lambda_core::time::hop(f.window).millis())
+        .max()
+        .unwrap_or(0);
+    let mut urls = Vec::new();
+    let mut day = tile_start(c - longest, lambda_core::Span::days(1));
+    while day < c {
+        let rel = format!("date={}", date_of(day));
+        if !opts.history.list(&rel).await?.is_empty() {
+            urls.push(
+                ListingTableUrl::parse(format!("{}/", opts.history.url_of(&rel)))
+                    .map_err(|e| bad(e.to_string()))?,
+            );
+        }
+        day += DAY_MS;
+    }
+    let table = view.source.name.as_str();
+    ctx.deregister_table(table).ok();
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let source: Arc<dyn datafusion::catalog::TableProvider> = if urls.is_empty() {
+        let schema = arrow_schema(&view.source);
+        Arc::new(
+            datafusion::datasource::MemTable::try_new(schema, vec![vec![]])
+                .map_err(|e| bad(e.to_string()))?,
+        )
+    } else {
+        let config = ListingTableConfig::new_with_multi_paths(urls)
+            .with_listing_options(options)
+            .with_schema(arrow_schema(&view.source));
+        Arc::new(ListingTable::try_new(config).map_err(|e| bad(e.to_string()))?)
+    };
+    ctx.register_table(table, source)
+        .map_err(|e| bad(e.to_string()))?;
+    let df = ctx
+        .sql(&sql::render_template(&text, c))
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    let want = features_schema(view);
+    let got = df.schema().as_arrow().clone();
+    if got.fields().len() != want.fields().len() {
+        return Err(bad(format!(
+            "{} columns, expected {}: {}",
+            got.fields().len(),
+            want.fields().len(),
+            want.fields()
+                .iter()
+                .map(|f| format!("{} {}", f.name(), f.data_type()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    for (k, (g, w)) in got.fields().iter().zip(want.fields()).enumerate() {
+        if g.name() != w.name() || g.data_type() != w.data_type() {
+            return Err(bad(format!(
+                "column {} is `{}` {}, expected `{}` {}",
+                k + 1,
+                g.name(),
+                g.data_type(),
+                w.name(),
+                w.data_type()
+            )));
+        }
+    }
+    let batches = df.collect().await.map_err(|e| bad(e.to_string()))?;
+    let mut out = Vec::new();
+    for b in &batches {
+        for i in 0..b.num_rows() {
+            let mut vals = Vec::with_capacity(b.num_columns());
+            for col in b.columns() {
+                vals.push(value_at(col.as_ref(), i).map_err(|e| bad(e.to_string()))?);
+            }
+            let entity = match vals.remove(0) {
+                Value::Str(e) => e,
+                other => return Err(bad(format!("row {i}: entity is {other:?}"))),
+            };
+            out.push((entity, vals));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
 /// Writes the finalized features (entity + one column per feature, documented output types).
 async fn write_features(
     view: &FeatureView,
@@ -692,12 +839,7 @@ async fn write_features(
     rows: &[(String, Vec<Value>)],
 ) -> Result<u64, BatchError> {
     let feats = view.features();
-    let mut fields = vec![Field::new("entity", DataType::Utf8, false)];
-    for f in &feats {
-        let ty = view.aggregations[f.aggregation].aggregation.output_type;
-        fields.push(Field::new(&f.name, ty.arrow_type(), true));
-    }
-    let schema = Arc::new(Schema::new(fields));
+    let schema = features_schema(view);
     let source = lambda_core::spec::Source {
         name: "features".into(),
         columns: std::iter::once(lambda_core::spec::Column {

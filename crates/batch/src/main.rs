@@ -25,6 +25,11 @@ struct Cli {
 enum Command {
     /// Print the SQL generated from a feature definition (start here to hand-write your own).
     ///
+    /// With --template the instant is the placeholder `{{cutoff}}`: save it, edit it, and point
+    /// the view's `batch.sql` at the file; the job then writes the offline features from it (the
+    /// batch view for serving still comes from the definition's states, and the job reports how
+    /// many entities drifted).
+    ///
     /// Example: lambda-batch sql --view examples/fraud/features.toml --as-of 2026-01-01T00:00:00Z
     Sql {
         /// The feature definition (TOML).
@@ -36,6 +41,9 @@ enum Command {
         /// Table name to read from (default: the view's source name).
         #[arg(long)]
         table: Option<String>,
+        /// Print a template for hand-written SQL (`{{cutoff}}` instead of a fixed instant).
+        #[arg(long, conflicts_with = "as_of")]
+        template: bool,
     },
     /// Validate a feature definition and list the features it serves.
     Check {
@@ -141,7 +149,12 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Sql { view, as_of, table } => {
+        Command::Sql {
+            view,
+            as_of,
+            table,
+            template,
+        } => {
             let v = FeatureView::load(&view)?;
             let as_of_ms = match as_of {
                 Some(t) => parse_rfc3339_ms(&t)
@@ -150,7 +163,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => last_midnight(chrono::Utc::now().timestamp_millis()),
             };
             let table = table.unwrap_or_else(|| v.source.name.clone());
-            print_stdout(&format!("{};\n", sql::features_as_of(&v, &table, as_of_ms)))?;
+            let text = if template {
+                sql::features_template(&v, &table)
+            } else {
+                sql::features_as_of(&v, &table, as_of_ms)
+            };
+            print_stdout(&format!("{text};\n"))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { view } => {
@@ -283,6 +301,13 @@ fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
             summary.row_bytes as f64 / 1e6,
             started.elapsed().as_secs_f64()
         );
+        if let Some(n) = summary.sql_drift {
+            println!(
+                "offline features from the hand-written SQL {}: {n} entities differ from the feature definition{}",
+                view.batch.sql.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                if n > 0 { " (run the parity checker)" } else { "" }
+            );
+        }
         Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
     })
 }

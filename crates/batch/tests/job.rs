@@ -382,6 +382,121 @@ async fn half_done_upload_serves_exactly(
     let _ = (HOUR_MS, MINUTE_MS);
 }
 
+/// Reads the offline features of a cutoff: entity → values.
+async fn offline_features(offline: &Location, cutoff: &str) -> BTreeMap<String, Vec<Value>> {
+    let data = offline
+        .get(&format!(
+            "fraud_user/features/cutoff={cutoff}/part-0.parquet"
+        ))
+        .await
+        .unwrap()
+        .expect("features file");
+    let reader =
+        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(data)
+            .unwrap()
+            .build()
+            .unwrap();
+    let mut out = BTreeMap::new();
+    for b in reader {
+        let b = b.unwrap();
+        for i in 0..b.num_rows() {
+            let mut vals: Vec<Value> = b
+                .columns()
+                .iter()
+                .map(|c| value_at(c.as_ref(), i).unwrap())
+                .collect();
+            let Value::Str(e) = vals.remove(0) else {
+                panic!()
+            };
+            out.insert(e, vals);
+        }
+    }
+    out
+}
+
+/// A view's hand-written SQL (started from `lambda-batch sql --template`) writes the offline
+/// features; unchanged it agrees with the definition everywhere, a changed filter is reported as
+/// drift, and wrong columns or broken SQL are errors naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_written_sql_writes_the_offline_features() {
+    let d = data();
+    let tmp = tempfile::tempdir().unwrap();
+    let history = local(&d.root.join("history"));
+    let store = EmbeddedStore::open(tmp.path().join("s.redb")).unwrap();
+    let generated = local(&tmp.path().join("off-generated"));
+    run_at(&history, &generated, &store, d.end, false).await;
+    let want = offline_features(&generated, "2026-01-01").await;
+    assert!(want.len() > 100);
+    let file = tmp.path().join("custom.sql");
+    let template = sql::features_template(&view(), "transactions");
+    let run_sql = |text: String, dir: &str| {
+        std::fs::write(&file, text).unwrap();
+        let mut v = view();
+        v.batch.sql = Some(file.clone());
+        let opts = RunOptions {
+            view: v,
+            history: history.clone(),
+            offline: local(&tmp.path().join(dir)),
+            cutoff_ms: d.end,
+            full: false,
+            row_ttl_days: 3650,
+        };
+        let store = &store;
+        async move { (run(&opts, store, |_| {}).await, opts.offline) }
+    };
+    // The template itself: no drift, the same features.
+    let (s, off) = run_sql(template.clone(), "off-hand").await;
+    assert_eq!(s.unwrap().sql_drift, Some(0));
+    let got = offline_features(&off, "2026-01-01").await;
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (e, w) in &want {
+        for (k, (a, b)) in got[e].iter().zip(w).enumerate() {
+            let ok = match (a, b) {
+                (Value::Float(x), Value::Float(y)) => close(*x, *y),
+                _ => a == b,
+            };
+            assert!(ok, "{e} feature {k}: hand-written {a:?}, generated {b:?}");
+        }
+    }
+    // A hand edit that counts every event type: drift, and the file holds the hand-written values.
+    let edited = template.replacen(
+        "INTERVAL '90 days' AND \"event_type\" = 'purchase') AS BIGINT) AS \"txn_count_90d\"",
+        "INTERVAL '90 days') AS BIGINT) AS \"txn_count_90d\"",
+        1,
+    );
+    assert_ne!(edited, template);
+    let (s, off) = run_sql(edited, "off-drift").await;
+    let drift = s.unwrap().sql_drift.unwrap();
+    assert!(drift > 50, "{drift}");
+    let got = offline_features(&off, "2026-01-01").await;
+    assert!(got.iter().any(|(e, v)| v[4] != want[e][4]));
+    // Wrong output type, then SQL that does not parse: errors naming the file and the column.
+    let wrong = template.replacen(
+        "AS BIGINT) AS \"txn_count_5m\"",
+        "AS DOUBLE) AS \"txn_count_5m\"",
+        1,
+    );
+    assert_ne!(wrong, template);
+    let e = run_sql(wrong, "off-wrong").await.0.unwrap_err().to_string();
+    assert!(
+        e.contains("custom.sql")
+            && e.contains("column 2 is `txn_count_5m` Float64, expected `txn_count_5m` Int64"),
+        "{e}"
+    );
+    let e = run_sql("SELEKT 1".into(), "off-broken")
+        .await
+        .0
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("hand-written SQL") && e.contains("custom.sql"),
+        "{e}"
+    );
+}
+
 fn write_parquet(path: &Path, batch: &datafusion::arrow::array::RecordBatch) {
     let f = std::fs::File::create(path).unwrap();
     let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
