@@ -540,6 +540,24 @@ impl OnlineStore for DynamoStore {
                         AttributeValue::S(g.as_padded().to_string()),
                     );
             }
+            Condition::GuardEquals => {
+                let Some(g) = &item.guard else {
+                    return Err(StoreError::InvalidInput(format!(
+                        "GuardEquals write of {} without a guard",
+                        item.key
+                    )));
+                };
+                req = req
+                    .condition_expression(
+                        "attribute_exists(pk) AND (attribute_not_exists(#ttl) OR #ttl > :now) AND guard = :g",
+                    )
+                    .expression_attribute_names("#ttl", "ttl")
+                    .expression_attribute_values(":now", AttributeValue::N(now_s.to_string()))
+                    .expression_attribute_values(
+                        ":g",
+                        AttributeValue::S(g.as_padded().to_string()),
+                    );
+            }
         }
         match req.send().await {
             Ok(_) => Ok(()),

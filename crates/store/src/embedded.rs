@@ -240,9 +240,11 @@ impl OnlineStore for EmbeddedStore {
 
     async fn put(&self, item: &Item, condition: Condition) -> Result<(), StoreError> {
         validate_item(item)?;
-        if condition == Condition::GuardAdvances && item.guard.is_none() {
+        if matches!(condition, Condition::GuardAdvances | Condition::GuardEquals)
+            && item.guard.is_none()
+        {
             return Err(StoreError::InvalidInput(format!(
-                "GuardAdvances write of {} without a guard",
+                "{condition:?} write of {} without a guard",
                 item.key
             )));
         }
@@ -254,6 +256,8 @@ impl OnlineStore for EmbeddedStore {
                 let mut table = txn.open_table(ITEMS).map_err(|e| s.err(e))?;
                 let existing = s.read_live(&table, &item.key, now)?;
                 let ok = match (condition, &existing) {
+                    (Condition::GuardEquals, None) => false,
+                    (Condition::GuardEquals, Some(old)) => old.guard == item.guard,
                     (Condition::Always, _) | (_, None) => true,
                     (Condition::NotExists, Some(_)) => false,
                     (Condition::GuardAdvances, Some(old)) => match (&old.guard, &item.guard) {

@@ -31,6 +31,7 @@ use async_trait::async_trait;
 pub mod dynamo;
 pub mod embedded;
 pub mod iam;
+pub mod lease;
 pub mod suite;
 
 /// Width of a guard (sequence number) after zero-padding; Kinesis sequence numbers have up to 56
@@ -134,6 +135,9 @@ pub enum Condition {
     /// Only if no live item exists, or the stored guard is lower than the new item's guard: a
     /// replay or a zombie writer can never move an item backwards.
     GuardAdvances,
+    /// Only if a live item exists and its guard equals the new item's guard: the holder of a
+    /// lease (see [`lease`]) renews or gives it up, and nobody else can.
+    GuardEquals,
 }
 
 /// What a batch write did.

@@ -27,6 +27,73 @@ pub async fn run_all(store: Arc<dyn OnlineStore>, clock: &ManualClock, prefix: &
     batches(store.as_ref(), prefix).await;
     expiry(store.as_ref(), clock, prefix).await;
     invalid_input(store.as_ref(), prefix).await;
+    leases(store.clone(), clock, prefix).await;
+}
+
+/// Leases: one holder at a time (also under a race), only the holder renews or releases, an
+/// expired lease is taken over and its old holder learns it at renewal.
+async fn leases(s: Arc<dyn OnlineStore>, clock: &ManualClock, p: &str) {
+    use crate::lease::{holder, release, renew, try_acquire};
+    let now_s = 1_700_000_100;
+    clock.set(now_s * 1000);
+    let key = ItemKey::new(format!("{p}-lease#job"), "lock");
+    let mut a = try_acquire(s.as_ref(), clock, key.clone(), "a", 30_000)
+        .await
+        .unwrap()
+        .expect("a free lease is taken");
+    assert_eq!(a.expires_at, now_s + 30);
+    assert!(
+        try_acquire(s.as_ref(), clock, key.clone(), "b", 30_000)
+            .await
+            .unwrap()
+            .is_none(),
+        "held: b cannot take it"
+    );
+    assert_eq!(
+        holder(s.as_ref(), &key).await.unwrap(),
+        Some(("a".into(), now_s + 30))
+    );
+    clock.set((now_s + 20) * 1000);
+    assert!(renew(s.as_ref(), clock, &mut a, 30_000).await.unwrap());
+    assert_eq!(a.expires_at, now_s + 50);
+    clock.set((now_s + 40) * 1000);
+    assert!(
+        try_acquire(s.as_ref(), clock, key.clone(), "b", 30_000)
+            .await
+            .unwrap()
+            .is_none(),
+        "renewed: still a's"
+    );
+    // a stalls past its expiry: b takes over, a's renewal and release fail to touch b's lease.
+    clock.set((now_s + 50) * 1000);
+    let b = try_acquire(s.as_ref(), clock, key.clone(), "b", 30_000)
+        .await
+        .unwrap()
+        .expect("expired lease is taken over");
+    assert!(!renew(s.as_ref(), clock, &mut a, 30_000).await.unwrap());
+    release(s.as_ref(), clock, &a).await.unwrap();
+    assert_eq!(holder(s.as_ref(), &key).await.unwrap().unwrap().0, "b");
+    // b releases: free at once.
+    release(s.as_ref(), clock, &b).await.unwrap();
+    assert_eq!(holder(s.as_ref(), &key).await.unwrap(), None);
+    // Eight racers on a free lease: exactly one wins.
+    let key2 = ItemKey::new(format!("{p}-lease#race"), "lock");
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (s, k) = (s.clone(), key2.clone());
+        let c = crate::ManualClock::new(crate::Clock::now_ms(clock));
+        tasks.push(tokio::spawn(async move {
+            try_acquire(s.as_ref(), c.as_ref(), k, &format!("r{i}"), 30_000)
+                .await
+                .unwrap()
+                .is_some()
+        }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        winners += usize::from(t.await.unwrap());
+    }
+    assert_eq!(winners, 1);
 }
 
 async fn round_trip(s: &dyn OnlineStore, p: &str) {
