@@ -79,9 +79,14 @@ enum Command {
         /// Directory of `*.toml` schedules.
         #[arg(long, default_value = "schedules")]
         dir: PathBuf,
-        /// Directory of run records and locks.
+        /// Directory of run records (and of the lock files without --lock).
         #[arg(long, default_value = "data/scheduler")]
         state: PathBuf,
+        /// Keep job locks and last successes in a DynamoDB table (`dynamodb://TABLE`, the
+        /// template's scheduler table) so copies on several machines never run a job twice.
+        /// Default: lock files in --state (one machine).
+        #[arg(long)]
+        lock: Option<String>,
         /// Run what is due now, then exit.
         #[arg(long)]
         once: bool,
@@ -212,9 +217,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Schedule {
             dir,
             state,
+            lock,
             once,
             dry_run,
-        } => schedule(dir, state, once, dry_run),
+        } => schedule(dir, state, lock, once, dry_run),
     }
 }
 
@@ -385,11 +391,12 @@ fn show(view: PathBuf, store: PathBuf, entities: Vec<String>) -> anyhow::Result<
 fn schedule(
     dir: PathBuf,
     state_dir: PathBuf,
+    lock: Option<String>,
     once: bool,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
     use lambda_batch::job::{RunOptions, run};
-    use lambda_batch::schedule::{Job, RunRecord, State, retry_backoff_ms};
+    use lambda_batch::schedule::{Coordinator, Job, RunRecord, State, retry_backoff_ms};
     use lambda_batch::storage::{Location, S3Options};
 
     tracing_subscriber::fmt()
@@ -402,9 +409,31 @@ fn schedule(
     let state = State::open(&state_dir)
         .with_context(|| format!("opening the scheduler state {}", state_dir.display()))?;
     let now = || chrono::Utc::now().timestamp_millis();
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let coord = match lock.as_deref() {
+        None => Coordinator::Files(state),
+        Some(text) => {
+            if !text.starts_with("dynamodb://") {
+                anyhow::bail!("--lock `{text}`: expected dynamodb://TABLE");
+            }
+            let region = std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into());
+            let endpoint = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").ok();
+            let store = rt.block_on(open_store(text, &region, endpoint.as_deref()))?;
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                .unwrap_or_else(|| "unknown-host".into());
+            Coordinator::Store {
+                store,
+                state,
+                clock: std::sync::Arc::new(lambda_store::SystemClock),
+                owner: format!("{}:{}", host.trim(), std::process::id()),
+            }
+        }
+    };
     if dry_run {
         for j in &jobs {
-            let last = state.last_success(&j.name)?;
+            let last = rt.block_on(coord.last_success(&j.name))?;
             let due = j.due(last, now());
             println!("{} [{}]", j.name, j.cron_text);
             println!(
@@ -427,17 +456,16 @@ fn schedule(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async {
         let mut failed = false;
         loop {
             for j in &jobs {
-                let due = j.due(state.last_success(&j.name)?, now());
+                let due = j.due(coord.last_success(&j.name).await?, now());
                 if !due.skipped.is_empty() {
                     tracing::warn!(job = %j.name, skipped = due.skipped.len(), catch_up = j.catch_up, "Missed runs beyond the catch-up bound are skipped.");
                 }
                 for scheduled in due.runs {
-                    let Some(_lock) = state.try_lock(&j.name, now(), 6 * 3_600_000)? else {
+                    let Some(mut held) = coord.try_lock(&j.name, now()).await? else {
                         tracing::info!(job = %j.name, "Another copy holds the lock; not running.");
                         continue;
                     };
@@ -457,7 +485,7 @@ fn schedule(
                     let store = open_store(&j.store, &region, endpoint.as_deref()).await?;
                     let started = now();
                     let mut attempts = 0;
-                    let outcome = loop {
+                    let attempt_all = async { loop {
                         attempts += 1;
                         tracing::info!(job = %j.name, scheduled = %format_ts(scheduled), cutoff = %format_ts(opts.cutoff_ms), attempts, "Running.");
                         match run(&opts, store.as_ref(), |_| {}).await {
@@ -472,7 +500,12 @@ fn schedule(
                             }
                             Err(e) => break Err(anyhow::Error::new(e)),
                         }
+                    } };
+                    let outcome = tokio::select! {
+                        o = attempt_all => o,
+                        lost = coord.keep(&mut held) => Err(anyhow::Error::new(lost).context("the job lock was lost (another copy took it over); stopped")),
                     };
+                    coord.unlock(held).await?;
                     let (rows, bytes, text) = match &outcome {
                         Ok(s) => (s.rows_in, s.bytes_in, "ok".to_string()),
                         Err(e) => {
@@ -480,7 +513,7 @@ fn schedule(
                             (0, 0, format!("error: {e:#}"))
                         }
                     };
-                    state.record(&RunRecord { job: j.name.clone(), scheduled_ms: scheduled, started_ms: started, ended_ms: now(), attempts, outcome: text.clone(), rows, bytes })?;
+                    coord.record(&RunRecord { job: j.name.clone(), scheduled_ms: scheduled, started_ms: started, ended_ms: now(), attempts, outcome: text.clone(), rows, bytes }).await?;
                     println!("{} {}: {text} ({rows} rows, {:.1} MB, {:.1} s)", j.name, format_ts(scheduled), bytes as f64 / 1e6, (now() - started) as f64 / 1000.0);
                 }
             }

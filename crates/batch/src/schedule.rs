@@ -359,3 +359,149 @@ impl State {
 pub fn retry_backoff_ms(attempt: u32) -> i64 {
     (30_000i64 << (attempt.saturating_sub(1)).min(6)).min(30 * 60_000)
 }
+
+/// Lease of a job lock taken through the online store; renewed every third of it while the job
+/// runs.
+pub const STORE_LEASE_MS: i64 = 10 * 60_000;
+
+/// Where the scheduler keeps its lock and last successes: files in the state directory (one
+/// machine, the embedded default) or a DynamoDB table (any number of machines). Run records are
+/// always appended to the state directory's `runs.jsonl` too.
+pub enum Coordinator {
+    /// A file lock and the local run records.
+    Files(State),
+    /// Leases and last-success items in an online store (the scheduler table on AWS).
+    Store {
+        /// The table.
+        store: std::sync::Arc<dyn lambda_store::OnlineStore>,
+        /// The local run log.
+        state: State,
+        /// The clock of lease expiry.
+        clock: std::sync::Arc<dyn lambda_store::Clock>,
+        /// Who we are, shown to other copies (`host:pid`).
+        owner: String,
+    },
+}
+
+/// A held job lock.
+pub enum Held {
+    /// A lock file (removed on drop).
+    File(LockGuard),
+    /// A lease in the online store.
+    Lease(lambda_store::lease::Lease),
+}
+
+/// Errors of the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The state directory.
+    #[error("scheduler state: {0}")]
+    Io(#[from] std::io::Error),
+    /// The lock table.
+    #[error("scheduler table")]
+    Store(#[from] lambda_store::StoreError),
+}
+
+fn lock_key(job: &str) -> lambda_store::ItemKey {
+    lambda_store::ItemKey::new(format!("scheduler#{job}"), "lock")
+}
+
+fn success_key(job: &str) -> lambda_store::ItemKey {
+    lambda_store::ItemKey::new(format!("scheduler#{job}"), "last-success")
+}
+
+impl Coordinator {
+    fn state(&self) -> &State {
+        match self {
+            Coordinator::Files(s) | Coordinator::Store { state: s, .. } => s,
+        }
+    }
+
+    /// Takes the job's lock, or `None` if another copy holds it.
+    pub async fn try_lock(&self, job: &str, now_ms: i64) -> Result<Option<Held>, CoordinatorError> {
+        match self {
+            Coordinator::Files(s) => Ok(s.try_lock(job, now_ms, 6 * 3_600_000)?.map(Held::File)),
+            Coordinator::Store {
+                store,
+                clock,
+                owner,
+                ..
+            } => Ok(lambda_store::lease::try_acquire(
+                store.as_ref(),
+                clock.as_ref(),
+                lock_key(job),
+                owner,
+                STORE_LEASE_MS,
+            )
+            .await?
+            .map(Held::Lease)),
+        }
+    }
+
+    /// Keeps a held lock alive; returns when it is lost (never, for a file lock). Run it beside
+    /// the job and stop the job when it returns.
+    pub async fn keep(&self, held: &mut Held) -> lambda_store::StoreError {
+        let (Coordinator::Store { store, clock, .. }, Held::Lease(lease)) = (self, held) else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(STORE_LEASE_MS as u64 / 3)).await;
+            match lambda_store::lease::renew(store.as_ref(), clock.as_ref(), lease, STORE_LEASE_MS)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    return lambda_store::StoreError::ConditionFailed {
+                        key: lease.key.clone(),
+                    };
+                }
+                Err(e) => tracing::warn!(error = %e, "Renewing the job lock failed; retrying."),
+            }
+        }
+    }
+
+    /// Gives the lock up.
+    pub async fn unlock(&self, held: Held) -> Result<(), CoordinatorError> {
+        match (self, held) {
+            (_, Held::File(g)) => drop(g),
+            (Coordinator::Store { store, clock, .. }, Held::Lease(l)) => {
+                lambda_store::lease::release(store.as_ref(), clock.as_ref(), &l).await?
+            }
+            (Coordinator::Files(_), Held::Lease(_)) => {}
+        }
+        Ok(())
+    }
+
+    /// The last scheduled instant of `job` that succeeded.
+    pub async fn last_success(&self, job: &str) -> Result<Option<i64>, CoordinatorError> {
+        match self {
+            Coordinator::Files(s) => Ok(s.last_success(job)?),
+            Coordinator::Store { store, .. } => Ok(store
+                .get(&success_key(job))
+                .await?
+                .and_then(|i| std::str::from_utf8(&i.data).ok()?.parse().ok())),
+        }
+    }
+
+    /// Records a run (and, if it succeeded, the job's last success).
+    pub async fn record(&self, r: &RunRecord) -> Result<(), CoordinatorError> {
+        self.state().record(r)?;
+        if let (Coordinator::Store { store, .. }, "ok") = (self, r.outcome.as_str()) {
+            let item = lambda_store::Item {
+                key: success_key(&r.job),
+                data: r.scheduled_ms.to_string().into_bytes(),
+                guard: Some(lambda_store::Guard::from_u128(r.scheduled_ms.max(0) as u128)),
+                expires_at: None,
+            };
+            // Never move the last success backwards (a late catch-up run finishing last).
+            match store
+                .put(&item, lambda_store::Condition::GuardAdvances)
+                .await
+            {
+                Ok(()) | Err(lambda_store::StoreError::ConditionFailed { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use lambda_batch::schedule::{Job, RunRecord, State, retry_backoff_ms};
+use lambda_store::OnlineStore;
 
 const HOUR: i64 = 3_600_000;
 const DAY: i64 = 24 * HOUR;
@@ -199,4 +200,110 @@ fn chrono_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+/// `schedule --once --lock dynamodb://TABLE` on DynamoDB Local: a lease held by another machine
+/// keeps the job from running; once free the run happens, and a second machine (another state
+/// directory) sees the shared last success and runs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedule_once_with_a_dynamodb_lock_across_machines() {
+    use lambda_store::dynamo::{DynamoConfig, DynamoStore};
+    use lambda_store::{ItemKey, SystemClock, lease};
+    let endpoint = std::env::var("LAMBDA_TEST_DYNAMODB_ENDPOINT").expect(
+        "LAMBDA_TEST_DYNAMODB_ENDPOINT is not set: run `make test` (it starts DynamoDB Local)",
+    );
+    let table = format!("lambda-scheduler-{}", std::process::id());
+    let mut cfg = DynamoConfig::new(&table, "us-east-1");
+    cfg.endpoint = Some(endpoint.clone());
+    cfg.static_credentials = Some(("test".into(), "test".into()));
+    let dynamo = DynamoStore::connect(cfg).await;
+    dynamo.create_table().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let sched = dir.path().join("schedules");
+    std::fs::create_dir_all(dir.path().join("history")).unwrap();
+    std::fs::create_dir_all(&sched).unwrap();
+    let view = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fraud/features.toml");
+    std::fs::write(
+        sched.join("job.toml"),
+        format!(
+            "name = \"job\"\ncron = \"0 0 0 * * *\"\nview = \"{}\"\nhistory = \"../history\"\noffline = \"../offline\"\nstore = \"../online.redb\"\n",
+            view.display()
+        ),
+    )
+    .unwrap();
+    let run = |state: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lambda-batch"))
+            .args(["schedule", "--once", "--dir"])
+            .arg(&sched)
+            .arg("--state")
+            .arg(state)
+            .arg("--lock")
+            .arg(format!("dynamodb://{table}"))
+            .env("AWS_ENDPOINT_URL_DYNAMODB", &endpoint)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .output()
+            .unwrap()
+    };
+    let (state_a, state_b) = (dir.path().join("state-a"), dir.path().join("state-b"));
+    let records = |p: &Path| State::open(p).unwrap().records().unwrap();
+    // Another machine holds the job's lease.
+    let held = lease::try_acquire(
+        &dynamo,
+        &SystemClock,
+        ItemKey::new("scheduler#job", "lock"),
+        "other-machine:1",
+        HOUR,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let out = run(&state_a);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        records(&state_a).is_empty(),
+        "a job locked elsewhere must not run"
+    );
+    lease::release(&dynamo, &SystemClock, &held).await.unwrap();
+    // Free: machine A runs it and records the success in the table.
+    let out = run(&state_a);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs = records(&state_a);
+    assert_eq!(recs.len(), 1, "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(recs[0].outcome, "ok");
+    let last = dynamo
+        .get(&ItemKey::new("scheduler#job", "last-success"))
+        .await
+        .unwrap()
+        .expect("last success in the table");
+    assert_eq!(last.data, recs[0].scheduled_ms.to_string().into_bytes());
+    // The lock was given back.
+    assert_eq!(
+        lease::holder(&dynamo, &ItemKey::new("scheduler#job", "lock"))
+            .await
+            .unwrap(),
+        None
+    );
+    // Machine B (its own state directory) finds nothing due.
+    let out = run(&state_b);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        records(&state_b).is_empty(),
+        "machine B must not rerun the night"
+    );
+    dynamo.delete_table().await.unwrap();
 }
