@@ -736,3 +736,43 @@ async fn unreachable_history_is_named() {
         );
     }
 }
+
+/// Uploading to a throttled table (DynamoDB Local behind the fault-injecting proxy: the first 150
+/// BatchWriteItem requests and then every third are throttled) slows the job down but loses no row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_table_slows_the_upload_but_loses_no_row() {
+    use lambda_store::chaos::{Action, FaultProxy};
+    use lambda_store::dynamo::{DynamoConfig, DynamoStore};
+    let d = data();
+    let tmp = tempfile::tempdir().unwrap();
+    let table = format!("lambda-batch-throttled-{}-{}", std::process::id(), d.end);
+    let direct = dynamo_table(&table).await;
+    let proxy = FaultProxy::start(
+        &aws_endpoint("LAMBDA_TEST_DYNAMODB_ENDPOINT"),
+        Arc::new(|op: &str, n: u64| match op {
+            "BatchWriteItem" if n < 150 || n % 3 == 0 => Action::Throttle,
+            _ => Action::Forward,
+        }),
+    )
+    .await
+    .unwrap();
+    let mut cfg = DynamoConfig::new(&table, "us-east-1");
+    cfg.endpoint = Some(proxy.endpoint.clone());
+    cfg.static_credentials = Some(("test".into(), "test".into()));
+    cfg.base_backoff = std::time::Duration::from_millis(5);
+    let throttled = DynamoStore::connect(cfg).await;
+    let s = run_into(&d, &tmp.path().join("off"), &throttled, d.end, false).await;
+    assert!(
+        proxy
+            .counters
+            .throttled
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 150
+    );
+    let embedded = EmbeddedStore::open(tmp.path().join("e.redb")).unwrap();
+    run_into(&d, &tmp.path().join("off"), &embedded, d.end, false).await;
+    let got = rows(&direct, &users()).await;
+    assert_eq!(got.len(), s.entities);
+    assert_equivalent(&got, &rows(&embedded, &users()).await, "throttled upload");
+    direct.delete_table().await.unwrap();
+}

@@ -62,7 +62,8 @@ pub struct DynamoConfig {
     pub max_attempts: u32,
     /// Rounds of retrying unprocessed items before giving up.
     pub max_backoff_attempts: u32,
-    /// First backoff delay; doubles each round, capped at 5 s, with full jitter.
+    /// First backoff delay (ours and the SDK's); doubles each round, capped at 5 s, with full
+    /// jitter.
     pub base_backoff: Duration,
 }
 
@@ -108,8 +109,11 @@ pub async fn client(cfg: &DynamoConfig) -> Client {
             loader.credentials_provider(Credentials::new(id, secret, None, None, "lambda-static"));
     }
     let shared = loader.load().await;
-    let mut b = aws_sdk_dynamodb::config::Builder::from(&shared)
-        .retry_config(RetryConfig::standard().with_max_attempts(cfg.max_attempts));
+    let mut b = aws_sdk_dynamodb::config::Builder::from(&shared).retry_config(
+        RetryConfig::standard()
+            .with_max_attempts(cfg.max_attempts)
+            .with_initial_backoff(cfg.base_backoff),
+    );
     if let Some(ep) = &cfg.endpoint {
         b = b.endpoint_url(ep);
     }
@@ -345,18 +349,33 @@ impl DynamoStore {
         let mut attempt = 0;
         while !pending.is_empty() {
             stats.requests += 1;
-            let out = self
+            let sent = self
                 .client
                 .batch_write_item()
                 .request_items(&self.cfg.table, pending.clone())
                 .send()
                 .await
-                .map_err(|e| dynamo_err("BatchWriteItem", &self.cfg.table, e))?;
-            pending = out
-                .unprocessed_items()
-                .and_then(|m| m.get(&self.cfg.table))
-                .cloned()
-                .unwrap_or_default();
+                .map_err(|e| dynamo_err("BatchWriteItem", &self.cfg.table, e));
+            match sent {
+                Ok(out) => {
+                    pending = out
+                        .unprocessed_items()
+                        .and_then(|m| m.get(&self.cfg.table))
+                        .cloned()
+                        .unwrap_or_default();
+                }
+                // Throttled even after the SDK's own retries (or its retry quota ran out): the
+                // whole request is unprocessed; back off below and send it again, so a throttled
+                // table slows the writer down instead of failing it.
+                Err(StoreError::Dynamo {
+                    throttled: true,
+                    message,
+                    ..
+                }) if attempt < self.cfg.max_backoff_attempts => {
+                    tracing::warn!(table = %self.cfg.table, items = pending.len(), attempt, %message, "BatchWriteItem throttled; backing off.");
+                }
+                Err(e) => return Err(e),
+            }
             if !pending.is_empty() {
                 if attempt >= self.cfg.max_backoff_attempts {
                     return Err(StoreError::Dynamo {

@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub mod chaos;
 pub mod dynamo;
 pub mod embedded;
 pub mod iam;
