@@ -750,7 +750,7 @@ async fn a_throttled_table_slows_the_upload_but_loses_no_row() {
     let proxy = FaultProxy::start(
         &aws_endpoint("LAMBDA_TEST_DYNAMODB_ENDPOINT"),
         Arc::new(|op: &str, n: u64| match op {
-            "BatchWriteItem" if n < 150 || n % 3 == 0 => Action::Throttle,
+            "BatchWriteItem" if n < 150 || n.is_multiple_of(3) => Action::Throttle,
             _ => Action::Forward,
         }),
     )

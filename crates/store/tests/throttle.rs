@@ -46,7 +46,7 @@ async fn a_throttled_table_slows_writes_down_and_loses_nothing() {
     let proxy = FaultProxy::start(
         &endpoint(),
         Arc::new(|op: &str, n: u64| match op {
-            "BatchWriteItem" if n < 150 || n % 3 == 0 => Action::Throttle,
+            "BatchWriteItem" if n < 150 || n.is_multiple_of(3) => Action::Throttle,
             _ => Action::Forward,
         }),
     )
