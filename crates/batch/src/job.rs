@@ -251,23 +251,33 @@ async fn read_footer(
     Ok((metadata, Arc::new(schema)))
 }
 
+/// The Parquet files (name, size) of a history partition, sorted by name.
+async fn parquet_files(history: &Location, rel: &str) -> Result<Vec<(String, u64)>, BatchError> {
+    Ok(history
+        .list(rel)
+        .await?
+        .into_iter()
+        .filter_map(|m| {
+            let name = m.location.filename()?.to_string();
+            name.ends_with(".parquet").then_some((name, m.size))
+        })
+        .collect())
+}
+
 /// Checks every Parquet file of a history partition (`rel`, e.g. `date=2025-01-01`) has the
 /// source schema, reading only the footers; returns (rows, bytes).
 async fn check_partition(
     view: &FeatureView,
     history: &Location,
     rel: &str,
+    files: &[(String, u64)],
 ) -> Result<(u64, u64), BatchError> {
     let want = arrow_schema(&view.source);
     let (mut rows, mut bytes) = (0u64, 0u64);
-    for meta in history.list(rel).await? {
-        let name = meta.location.filename().unwrap_or_default().to_string();
-        if !name.ends_with(".parquet") {
-            continue;
-        }
+    for (name, size) in files {
         let file_rel = format!("{rel}/{name}");
         let url = history.url_of(&file_rel);
-        let (metadata, got) = read_footer(history, &file_rel, meta.size).await?;
+        let (metadata, got) = read_footer(history, &file_rel, *size).await?;
         for field in want.fields() {
             match got.field_with_name(field.name()) {
                 Err(_) => {
@@ -291,7 +301,7 @@ async fn check_partition(
             }
         }
         rows += metadata.file_metadata().num_rows() as u64;
-        bytes += meta.size;
+        bytes += size;
     }
     Ok((rows, bytes))
 }
@@ -530,10 +540,23 @@ pub async fn run(
             date_of(day)
         )
     };
+    let inputs_path = |tier: Tier, day: i64| {
+        format!(
+            "{base}/partials/tier={}/date={}/_inputs.json",
+            tier.name(),
+            date_of(day)
+        )
+    };
     let mut rows: EntityPartials = BTreeMap::new();
     let started = Instant::now();
     let total = days.len();
     for (n, day) in days.iter().enumerate() {
+        let dir = format!("date={}", date_of(*day));
+        let dir_url = opts.history.url_of(&dir);
+        // The day's history files: stored partials are valid only for exactly these inputs, so
+        // files added later (late events from the speed layer, corrections) recompute the day.
+        let files = parquet_files(&opts.history, &dir).await?;
+        let inputs = serde_json::to_vec(&files).unwrap_or_default();
         // Stored tiers (day, hour) are reused unless --full; tiles are always recomputed (they only
         // cover the hours before this cutoff).
         let mut todo: Vec<(Tier, i64, i64)> = Vec::new();
@@ -543,15 +566,19 @@ pub async fn run(
             }
             let stored = *tier != Tier::Tile
                 && !opts.full
+                && opts
+                    .offline
+                    .get(&inputs_path(*tier, *day))
+                    .await?
+                    .as_deref()
+                    == Some(inputs.as_slice())
                 && opts.offline.exists(&partial_path(*tier, *day)).await?;
             if *tier == Tier::Tile || opts.full || !stored {
                 todo.push((*tier, *from, *to));
             }
         }
-        let dir = format!("date={}", date_of(*day));
-        let dir_url = opts.history.url_of(&dir);
         if !todo.is_empty() {
-            let (r, b) = check_partition(view, &opts.history, &dir).await?;
+            let (r, b) = check_partition(view, &opts.history, &dir, &files).await?;
             if b > 0 {
                 summary.rows_in += r;
                 summary.bytes_in += b;
@@ -574,6 +601,9 @@ pub async fn run(
                             &batches,
                         )
                         .await?;
+                        opts.offline
+                            .put(&inputs_path(tier, *day), inputs.clone())
+                            .await?;
                     }
                 }
                 summary.days_computed += 1;
@@ -594,6 +624,9 @@ pub async fn run(
                         &[],
                     )
                     .await?;
+                    opts.offline
+                        .put(&inputs_path(*tier, *day), inputs.clone())
+                        .await?;
                 }
             }
         } else {

@@ -776,3 +776,60 @@ async fn a_throttled_table_slows_the_upload_but_loses_no_row() {
     assert_equivalent(&got, &rows(&embedded, &users()).await, "throttled upload");
     direct.delete_table().await.unwrap();
 }
+
+/// Late events written into a past day's partition after its partials were stored (the speed
+/// layer's late-event sink, or a correction) make the next incremental night recompute that day,
+/// and the result equals a full recompute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_files_recompute_their_day() {
+    let d = data();
+    let tmp = tempfile::tempdir().unwrap();
+    let inc = EmbeddedStore::open(tmp.path().join("inc.redb")).unwrap();
+    run_into(&d, &tmp.path().join("off-inc"), &inc, d.end - DAY_MS, false).await;
+    let first = run_into(&d, &tmp.path().join("off-inc"), &inc, d.end, false).await;
+    assert_eq!(first.days_computed, 1, "{first:?}");
+    // Two late purchases on 2025-12-20, arriving after that day was aggregated.
+    let v = view();
+    let mut b = lambda_core::decode::BatchBuilder::new(&v.source);
+    let t = d.end - 12 * DAY_MS + 10 * HOUR_MS;
+    for (k, amount) in [(0, 12_345), (1, 99)] {
+        b.push(&[
+            Value::Str(format!("e-late-{k}")),
+            Value::Str("u0000001".into()),
+            Value::Null,
+            Value::Str("p".into()),
+            Value::Str("purchase".into()),
+            Value::Decimal(amount),
+            Value::Null,
+            Value::Timestamp(t + k * MINUTE_MS),
+        ]);
+    }
+    write_parquet(
+        &d.root.join("history/date=2025-12-20/late-00000.parquet"),
+        &b.finish().unwrap(),
+    );
+    let again = run_into(&d, &tmp.path().join("off-inc"), &inc, d.end, false).await;
+    assert_eq!(
+        again.days_computed, 2,
+        "the last day's tiles and the day with late events: {again:?}"
+    );
+    let full = EmbeddedStore::open(tmp.path().join("full.redb")).unwrap();
+    run_into(&d, &tmp.path().join("off-full"), &full, d.end, true).await;
+    let (a, b) = (rows(&full, &users()).await, rows(&inc, &users()).await);
+    assert_equivalent(&a, &b, "incremental with late files vs full");
+    let feats = offline_features(&local(&tmp.path().join("off-inc")), "2026-01-01").await;
+    let before = offline_features(&local(&tmp.path().join("off-full")), "2026-01-01").await;
+    assert_eq!(feats["u0000001"], before["u0000001"]);
+    // The 30-day purchase count of u0000001 includes the late events.
+    let no_late = EmbeddedStore::open(tmp.path().join("no-late.redb")).unwrap();
+    std::fs::remove_file(d.root.join("history/date=2025-12-20/late-00000.parquet")).unwrap();
+    run_into(&d, &tmp.path().join("off-no-late"), &no_late, d.end, true).await;
+    let without = offline_features(&local(&tmp.path().join("off-no-late")), "2026-01-01").await;
+    assert_eq!(
+        feats["u0000001"][3],
+        match &without["u0000001"][3] {
+            Value::Int(n) => Value::Int(n + 2),
+            other => panic!("{other:?}"),
+        }
+    );
+}
