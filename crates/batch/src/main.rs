@@ -137,6 +137,10 @@ struct RunArgs {
     /// Recompute every day's partial states instead of reusing the stored ones.
     #[arg(long)]
     full: bool,
+    /// Backfill: run every night from this UTC date up to --cutoff, in order (offline features
+    /// for each cutoff, for training sets; the online store ends with the last night's rows).
+    #[arg(long)]
+    from: Option<String>,
     /// Days a batch row stays in the online store after its cutoff (its TTL).
     #[arg(long, default_value_t = 7)]
     row_ttl_days: i64,
@@ -248,33 +252,47 @@ fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let history = Location::parse(&history, &s3).context("--history")?;
     let offline = Location::parse(&args.offline, &s3).context("--offline")?;
-    let cutoff_ms = match &args.cutoff {
-        Some(d) => {
-            chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d")
-                .with_context(|| format!("--cutoff `{d}` is not a date like 2026-01-01"))?
-                .and_hms_opt(0, 0, 0)
-                .context("midnight")?
-                .and_utc()
-                .timestamp_millis()
-                + view.batch.cutoff_offset.millis()
-        }
+    let date = |flag: &str, d: &str| -> anyhow::Result<i64> {
+        Ok(chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d")
+            .with_context(|| format!("{flag} `{d}` is not a date like 2026-01-01"))?
+            .and_hms_opt(0, 0, 0)
+            .context("midnight")?
+            .and_utc()
+            .timestamp_millis()
+            + view.batch.cutoff_offset.millis())
+    };
+    let last_cutoff = match &args.cutoff {
+        Some(d) => date("--cutoff", d)?,
         None => {
             last_midnight(chrono::Utc::now().timestamp_millis()) + view.batch.cutoff_offset.millis()
         }
     };
+    let first_cutoff = match &args.from {
+        Some(d) => date("--from", d)?,
+        None => last_cutoff,
+    };
+    if first_cutoff > last_cutoff {
+        anyhow::bail!(
+            "--from {} is after the cutoff {}",
+            format_ts(first_cutoff),
+            format_ts(last_cutoff)
+        );
+    }
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async {
         let store = open_store(&args.store, &args.region, args.endpoint.as_deref()).await?;
         history.check().await.context("--history")?;
         offline.check().await.context("--offline")?;
-        let opts = RunOptions {
+        let mut opts = RunOptions {
             view: view.clone(),
             history,
             offline,
-            cutoff_ms,
+            cutoff_ms: first_cutoff,
             full: args.full,
             row_ttl_days: args.row_ttl_days,
         };
+        while opts.cutoff_ms <= last_cutoff {
+        let cutoff_ms = opts.cutoff_ms;
         let started = std::time::Instant::now();
         let tty = std::io::stderr().is_terminal();
         let summary = run(&opts, store.as_ref(), |p| {
@@ -313,6 +331,10 @@ fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
                 view.batch.sql.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
                 if n > 0 { " (run the parity checker)" } else { "" }
             );
+        }
+        // Later nights of a backfill reuse what the first computed.
+        opts.full = false;
+        opts.cutoff_ms += lambda_core::time::DAY_MS;
         }
         Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
     })

@@ -833,3 +833,55 @@ async fn late_files_recompute_their_day() {
         }
     );
 }
+
+/// `lambda-batch run --from D1 --cutoff D2` backfills every night in order: offline features for
+/// each cutoff, and the same online rows as a full recompute at D2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_backfill_equals_a_full_recompute() {
+    let d = data();
+    let tmp = tempfile::tempdir().unwrap();
+    let cli = |extra: &[&str], off: &str, store: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lambda-batch"))
+            .arg("run")
+            .arg("--view")
+            .arg(examples().join("features.toml"))
+            .arg("--history")
+            .arg(d.root.join("history"))
+            .arg("--offline")
+            .arg(tmp.path().join(off))
+            .arg("--store")
+            .arg(tmp.path().join(store))
+            .args(["--cutoff", "2026-01-01", "--row-ttl-days", "3650"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = cli(&["--from", "2025-12-30"], "off-bf", "bf.redb");
+    assert_eq!(text.matches("view fraud_user cutoff").count(), 3, "{text}");
+    cli(&["--full"], "off-full", "full.redb");
+    for day in ["2025-12-30", "2025-12-31", "2026-01-01"] {
+        assert!(
+            tmp.path()
+                .join(format!(
+                    "off-bf/fraud_user/features/cutoff={day}/part-0.parquet"
+                ))
+                .exists(),
+            "{day}"
+        );
+    }
+    let (bf, full) = (
+        EmbeddedStore::open(tmp.path().join("bf.redb")).unwrap(),
+        EmbeddedStore::open(tmp.path().join("full.redb")).unwrap(),
+    );
+    assert_equivalent(
+        &rows(&bf, &users()).await,
+        &rows(&full, &users()).await,
+        "backfill vs full",
+    );
+}
