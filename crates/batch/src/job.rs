@@ -15,7 +15,7 @@
 //! * **Online store**: one item per entity (`batch` sort key) holding its [`BatchRow`] with the
 //!   cutoff inside, uploaded with `batch_put`: rerunning a night writes the same bytes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,6 +33,7 @@ use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::arrow::parquet_to_arrow_schema;
 use datafusion::parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use datafusion::prelude::SessionContext;
+use futures::StreamExt;
 use lambda_core::decode::{arrow_schema, value_at};
 use lambda_core::merge::{Partial, Tier, build_batch_row, features_at, tier_reach};
 use lambda_core::time::{DAY_MS, format_ts, tile_start};
@@ -167,10 +168,13 @@ pub struct RunSummary {
     pub sql_drift: Option<usize>,
 }
 
+/// History days computed at once (each day's query also runs on several threads).
+const DAYS_AT_ONCE: usize = 2;
+
 /// (tier, bucket start, encoded states) of one stored partial.
 type PartialBlob = (Tier, i64, Vec<u8>);
 /// Per entity: every partial its batch row needs.
-type EntityPartials = BTreeMap<String, Vec<PartialBlob>>;
+type EntityPartials = HashMap<String, Vec<PartialBlob>>;
 /// A built batch row and the entity's finalized features at the cutoff.
 type BuiltRow = (Item, (String, Vec<Value>));
 
@@ -315,39 +319,59 @@ async fn day_partials(
     day: i64,
     tiers: &[(Tier, i64, i64)],
 ) -> Result<BTreeMap<Tier, Vec<RecordBatch>>, BatchError> {
-    let table = view.source.name.clone();
+    let q = |what: String| move |source| BatchError::Query { what, source };
+    // Per-day table names, so several days can be computed at once in one session.
+    let stamp = date_of(day).replace('-', "");
+    let (raw, distinct) = (format!("raw_{stamp}"), format!("distinct_{stamp}"));
     let url =
-        ListingTableUrl::parse(format!("{dir_url}/")).map_err(|source| BatchError::Query {
-            what: format!("history {dir_url}"),
-            source,
-        })?;
+        ListingTableUrl::parse(format!("{dir_url}/")).map_err(q(format!("history {dir_url}")))?;
     let options =
         ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
         .with_schema(arrow_schema(&view.source));
-    let listing = ListingTable::try_new(config).map_err(|source| BatchError::Query {
-        what: format!("history {dir_url}"),
-        source,
-    })?;
-    ctx.deregister_table(table.as_str()).ok();
-    ctx.register_table(table.as_str(), Arc::new(listing))
-        .map_err(|source| BatchError::Query {
-            what: "registering the history".into(),
-            source,
-        })?;
-    let check = sql::conflicting_duplicates(view, &table, day, day + DAY_MS);
-    let what = format!("the duplicate check of {}", date_of(day));
-    let conflicts = ctx
-        .sql(&check)
+    let listing = ListingTable::try_new(config).map_err(q(format!("history {dir_url}")))?;
+    ctx.register_table(raw.as_str(), Arc::new(listing))
+        .map_err(q("registering the history".into()))?;
+    // Deduplicate the day once (read and hashed once), then every query runs on the result.
+    let what = format!("deduplicating {}", date_of(day));
+    let rows = ctx
+        .sql(&sql::dedup_events(view, &raw, day, day + DAY_MS))
         .await
-        .map_err(|source| BatchError::Query {
-            what: what.clone(),
-            source,
-        })?
+        .map_err(q(what.clone()))?
         .collect()
         .await
-        .map_err(|source| BatchError::Query { what, source })?;
+        .map_err(q(what.clone()));
+    ctx.deregister_table(raw.as_str()).ok();
+    let rows = rows?;
+    let schema = rows
+        .first()
+        .map_or_else(|| arrow_schema(&view.source), |b| b.schema());
+    let mem = datafusion::datasource::MemTable::try_new(schema, vec![rows]).map_err(q(what))?;
+    ctx.register_table(distinct.as_str(), Arc::new(mem))
+        .map_err(q("registering the day".into()))?;
+    let out = partials_of_distinct(ctx, view, &distinct, day, tiers).await;
+    ctx.deregister_table(distinct.as_str()).ok();
+    out
+}
+
+/// The duplicate check and the partial queries of one deduplicated day.
+async fn partials_of_distinct(
+    ctx: &SessionContext,
+    view: &FeatureView,
+    table: &str,
+    day: i64,
+    tiers: &[(Tier, i64, i64)],
+) -> Result<BTreeMap<Tier, Vec<RecordBatch>>, BatchError> {
+    let q = |what: String| move |source| BatchError::Query { what, source };
+    let what = format!("the duplicate check of {}", date_of(day));
+    let conflicts = ctx
+        .sql(&sql::conflicting_ids_of_distinct(view, table))
+        .await
+        .map_err(q(what.clone()))?
+        .collect()
+        .await
+        .map_err(q(what))?;
     let ids: Vec<String> = conflicts
         .iter()
         .flat_map(|b| {
@@ -369,16 +393,15 @@ async fn day_partials(
         if from >= to {
             continue;
         }
-        let text = sql::partial_states(view, &table, tier.width(view), from, to);
+        let text = sql::partial_states_of_distinct(view, table, tier.width(view), from, to);
         let what = format!("{} partials of {}", tier.name(), date_of(day));
-        let df = ctx.sql(&text).await.map_err(|source| BatchError::Query {
-            what: what.clone(),
-            source,
-        })?;
-        let batches = df.collect().await.map_err(|source| BatchError::Query {
-            what: what.clone(),
-            source,
-        })?;
+        let batches = ctx
+            .sql(&text)
+            .await
+            .map_err(q(what.clone()))?
+            .collect()
+            .await
+            .map_err(q(what))?;
         out.insert(
             *tier,
             to_partial_batches(&batches, view.aggregations.len())?,
@@ -476,19 +499,27 @@ fn add_partials(
         .as_any()
         .downcast_ref::<BinaryArray>()
         .ok_or_else(|| bad("`states` is not Binary"))?;
+    let entities = b
+        .column(0)
+        .as_any()
+        .downcast_ref::<datafusion::arrow::array::StringArray>()
+        .ok_or_else(|| bad("`entity` is not Utf8"))?;
+    let starts = b
+        .column(1)
+        .as_any()
+        .downcast_ref::<datafusion::arrow::array::TimestampMillisecondArray>()
+        .ok_or_else(|| bad("`start` is not a millisecond timestamp"))?;
+    if entities.null_count() + starts.null_count() + states.null_count() > 0 {
+        return Err(bad("null entity, start or states"));
+    }
     for i in 0..b.num_rows() {
-        let (Ok(Value::Str(e)), Ok(Value::Timestamp(start))) = (
-            value_at(b.column(0).as_ref(), i),
-            value_at(b.column(1).as_ref(), i),
-        ) else {
-            return Err(bad("bad entity/start"));
-        };
+        let (e, start) = (entities.value(i), starts.value(i));
         if start >= from && start < to {
             let blob = (tier, start, states.value(i).to_vec());
-            match into.get_mut(e.as_str()) {
+            match into.get_mut(e) {
                 Some(v) => v.push(blob),
                 None => {
-                    into.insert(e, vec![blob]);
+                    into.insert(e.to_string(), vec![blob]);
                 }
             }
         }
@@ -547,12 +578,13 @@ pub async fn run(
             date_of(day)
         )
     };
-    let mut rows: EntityPartials = BTreeMap::new();
+    let mut rows: EntityPartials = HashMap::new();
     let started = Instant::now();
     let total = days.len();
-    for (n, day) in days.iter().enumerate() {
+    // 1. Plan: which tiers each day must compute (stored partials of unchanged inputs are reused).
+    let mut plans = Vec::with_capacity(days.len());
+    for day in &days {
         let dir = format!("date={}", date_of(*day));
-        let dir_url = opts.history.url_of(&dir);
         // The day's history files: stored partials are valid only for exactly these inputs, so
         // files added later (late events from the speed layer, corrections) recompute the day.
         let files = parquet_files(&opts.history, &dir).await?;
@@ -577,66 +609,81 @@ pub async fn run(
                 todo.push((*tier, *from, *to));
             }
         }
-        if !todo.is_empty() {
+        plans.push((*day, dir, files, inputs, todo));
+    }
+    // 2. Compute the days that need it, a few at once (one day's file is too small to keep both
+    //    cores busy); results are applied in day order.
+    let ctx = &ctx;
+    let partial_path = &partial_path;
+    let inputs_path = &inputs_path;
+    let mut computed = futures::stream::iter(plans.into_iter().map(
+        |(day, dir, files, inputs, todo)| async move {
+            if todo.is_empty() {
+                return Ok::<_, BatchError>((day, None));
+            }
             let (r, b) = check_partition(view, &opts.history, &dir, &files).await?;
-            if b > 0 {
-                summary.rows_in += r;
-                summary.bytes_in += b;
-                let computed = day_partials(&ctx, view, &dir_url, *day, &todo).await?;
-                for (tier, batches) in computed {
-                    if tier == Tier::Tile {
-                        let (from, to) = needs
-                            .iter()
-                            .find(|x| x.0 == Tier::Tile)
-                            .map(|x| (x.1, x.2))
-                            .unwrap_or((c, c));
-                        for b in &batches {
-                            add_partials(b, &dir_url, &mut rows, Tier::Tile, from, to)?;
-                        }
-                    } else {
-                        write_parquet(
-                            &opts.offline,
-                            &partial_path(tier, *day),
-                            partial_schema(),
-                            &batches,
-                        )
-                        .await?;
-                        opts.offline
-                            .put(&inputs_path(tier, *day), inputs.clone())
-                            .await?;
-                    }
-                }
-                summary.days_computed += 1;
-                progress(Progress::Day {
-                    date: date_of(*day),
-                    rows: summary.rows_in,
-                    bytes: summary.bytes_in,
-                    done: n + 1,
-                    total,
-                });
+            let parts = if b > 0 {
+                day_partials(ctx, view, &opts.history.url_of(&dir), day, &todo).await?
             } else {
-                // No history that day: an empty partial file records it as done.
-                for (tier, _, _) in todo.iter().filter(|t| t.0 != Tier::Tile) {
+                // No history that day: empty partial files record it as done.
+                todo.iter().map(|t| (t.0, Vec::new())).collect()
+            };
+            let mut tiles = Vec::new();
+            for (tier, batches) in parts {
+                if tier == Tier::Tile {
+                    tiles = batches;
+                } else {
                     write_parquet(
                         &opts.offline,
-                        &partial_path(*tier, *day),
+                        &partial_path(tier, day),
                         partial_schema(),
-                        &[],
+                        &batches,
                     )
                     .await?;
                     opts.offline
-                        .put(&inputs_path(*tier, *day), inputs.clone())
+                        .put(&inputs_path(tier, day), inputs.clone())
                         .await?;
                 }
             }
-        } else {
-            summary.days_reused += 1;
+            Ok((day, Some((r, b, opts.history.url_of(&dir), tiles))))
+        },
+    ))
+    .buffered(DAYS_AT_ONCE);
+    // 3. Gather every partial the rows need, in day order.
+    let mut n = 0;
+    while let Some(result) = computed.next().await {
+        let (day, done) = result?;
+        n += 1;
+        match done {
+            Some((r, b, dir_url, tiles)) => {
+                summary.rows_in += r;
+                summary.bytes_in += b;
+                if b > 0 {
+                    summary.days_computed += 1;
+                    progress(Progress::Day {
+                        date: date_of(day),
+                        rows: summary.rows_in,
+                        bytes: summary.bytes_in,
+                        done: n,
+                        total,
+                    });
+                }
+                let (from, to) = needs
+                    .iter()
+                    .find(|x| x.0 == Tier::Tile)
+                    .map(|x| (x.1, x.2))
+                    .unwrap_or((c, c));
+                for b in &tiles {
+                    add_partials(b, &dir_url, &mut rows, Tier::Tile, from, to)?;
+                }
+            }
+            None => summary.days_reused += 1,
         }
         for (tier, from, to) in needs.iter().filter(|t| t.0 != Tier::Tile) {
-            if *day + DAY_MS > *from && *day < *to {
+            if day + DAY_MS > *from && day < *to {
                 read_partials(
                     &opts.offline,
-                    &partial_path(*tier, *day),
+                    &partial_path(*tier, day),
                     &mut rows,
                     *tier,
                     *from,
@@ -652,7 +699,8 @@ pub async fn run(
     let aggs = view.aggs();
     let expires = c.div_euclid(1000) + opts.row_ttl_days * 86_400;
     // Rows are independent: build them on every core (order is kept: chunks are concatenated).
-    let rows: Vec<(String, Vec<PartialBlob>)> = rows.into_iter().collect();
+    let mut rows: Vec<(String, Vec<PartialBlob>)> = rows.into_iter().collect();
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
@@ -710,8 +758,9 @@ pub async fn run(
         }
     }
     summary.entities = items.len();
+    tracing::info!(view = %view.name, entities = items.len(), elapsed_s = started.elapsed().as_secs_f64(), "Batch rows built.");
     if let Some(file) = &view.batch.sql {
-        let hand = hand_written_features(&ctx, opts, file).await?;
+        let hand = hand_written_features(ctx, opts, file).await?;
         let ours: BTreeMap<&str, &Vec<Value>> =
             feature_rows.iter().map(|(e, v)| (e.as_str(), v)).collect();
         let drift = hand
@@ -732,6 +781,7 @@ pub async fn run(
         &feature_rows,
     )
     .await?;
+    tracing::info!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Offline features written.");
     let total = items.len();
     for (i, chunk) in items.chunks(5_000).enumerate() {
         store.batch_put(chunk).await?;
@@ -740,6 +790,7 @@ pub async fn run(
             total,
         });
     }
+    tracing::info!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Batch rows uploaded.");
     Ok(summary)
 }
 

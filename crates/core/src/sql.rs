@@ -210,6 +210,51 @@ pub fn partial_states(
     start_ms: i64,
     end_ms: i64,
 ) -> String {
+    partial_states_over(
+        view,
+        width,
+        start_ms,
+        end_ms,
+        &dedup_events(view, table, start_ms, end_ms),
+    )
+}
+
+/// [`partial_states`] over a table that is already deduplicated (the rows of
+/// [`dedup_events`], materialized once and shared by several queries).
+pub fn partial_states_of_distinct(
+    view: &FeatureView,
+    table: &str,
+    width: Span,
+    start_ms: i64,
+    end_ms: i64,
+) -> String {
+    let ts = quote_ident(&view.source.columns[view.source.event_time].name);
+    let events = format!(
+        "SELECT * FROM {table}\n  WHERE {ts} >= {} AND {ts} < {}",
+        ts_literal(start_ms),
+        ts_literal(end_ms),
+        table = quote_ident(table),
+    );
+    partial_states_over(view, width, start_ms, end_ms, &events)
+}
+
+/// Event ids with two or more rows in an already deduplicated table (see
+/// [`conflicting_duplicates`]), up to 5.
+pub fn conflicting_ids_of_distinct(view: &FeatureView, table: &str) -> String {
+    let id = quote_ident(&view.source.columns[view.source.event_id].name);
+    format!(
+        "SELECT {id} FROM {table} GROUP BY {id} HAVING count(*) > 1 ORDER BY {id} LIMIT 5",
+        table = quote_ident(table)
+    )
+}
+
+fn partial_states_over(
+    view: &FeatureView,
+    width: Span,
+    start_ms: i64,
+    end_ms: i64,
+    events: &str,
+) -> String {
     let ts = quote_ident(&view.source.columns[view.source.event_time].name);
     let id = quote_ident(&view.source.columns[view.source.event_id].name);
     let entity = quote_ident(&view.entity_column().name);
@@ -247,7 +292,6 @@ pub fn partial_states(
         start = format_ts(start_ms),
         end = format_ts(end_ms),
         cols = select.join(",\n  "),
-        events = dedup_events(view, table, start_ms, end_ms),
     )
 }
 
