@@ -1,17 +1,280 @@
-//! `lambda-speed`: the speed layer (Kinesis / JSON-lines consumer writing 5-minute tiles). Not built yet: it says so and exits non-zero.
+//! `lambda-speed`: the speed layer's command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use lambda_core::time::format_ts;
+use lambda_core::{FeatureView, Span};
+use lambda_speed::consumer::{ConsumerConfig, Metrics, run_all};
+use lambda_speed::source::{FileSource, Source};
+use lambda_store::OnlineStore;
+
+/// The speed layer: consumes a stream of events and keeps every entity's 5-minute event-time
+/// tiles in the online store, fresh within about a second, exact through crashes and replays.
+#[derive(Debug, Parser)]
+#[command(name = "lambda-speed", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Consume the stream until stopped (ctrl-c / SIGTERM flush, checkpoint and exit cleanly).
+    ///
+    /// Example (embedded default): lambda-speed run --view examples/fraud/features.toml
+    ///   --source data/demo/stream/events.jsonl --store data/demo/online.redb --exit-at-end
+    Run(RunArgs),
+    /// Print the live tiles the store holds for some entities.
+    Show {
+        /// The feature definition (TOML).
+        #[arg(long)]
+        view: PathBuf,
+        /// The online store (a redb file path).
+        #[arg(long, default_value = "data/online.redb")]
+        store: PathBuf,
+        /// Entities to show (repeatable).
+        #[arg(long = "entity", required = true)]
+        entities: Vec<String>,
+        /// Show at most this many of each entity's newest tiles.
+        #[arg(long, default_value_t = 5)]
+        last: usize,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The feature definition (TOML).
+    #[arg(long)]
+    view: PathBuf,
+    /// The stream: a JSON-lines file (one shard) or a directory of `*.jsonl` files (a shard
+    /// each), read from the last checkpoint on.
+    #[arg(long)]
+    source: PathBuf,
+    /// The online store: a redb file path (embedded default) or `dynamodb://TABLE`.
+    #[arg(long, default_value = "data/online.redb")]
+    store: String,
+    /// AWS region for `dynamodb://` stores.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    region: String,
+    /// Custom DynamoDB endpoint (an emulator); unset for AWS.
+    #[arg(long, env = "AWS_ENDPOINT_URL_DYNAMODB")]
+    endpoint: Option<String>,
+    /// How often changed tiles are written (freshness), e.g. 1s, 250ms.
+    #[arg(long, default_value = "1s")]
+    flush_interval: Span,
+    /// How long tile items live after their tile ends (must exceed the batch view's reach).
+    #[arg(long, default_value = "3d")]
+    tile_ttl: Span,
+    /// Records per read.
+    #[arg(long, default_value_t = 10_000)]
+    batch_size: usize,
+    /// Where records that fail to decode are kept (JSON lines per shard, with the reason).
+    #[arg(long, default_value = "data/dead-letter")]
+    dead_letter_dir: PathBuf,
+    /// Where late events are written as Parquet in the history layout (point it at the batch
+    /// history so the next nightly run picks them up). Default: the view's local history.
+    #[arg(long)]
+    late_dir: Option<PathBuf>,
+    /// Exit once every shard is read to its end (replays of finite files, demos, tests).
+    #[arg(long)]
+    exit_at_end: bool,
+    /// Seconds between progress/metrics log lines.
+    #[arg(long, default_value_t = 10)]
+    report_every: u64,
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!(
-            "lambda-speed: the speed layer (Kinesis / JSON-lines consumer writing 5-minute tiles).\n\nNot built yet: this binary exists so the workspace has its final shape.\nIt will derive everything from a feature definition such as examples/fraud/features.toml\n(validate one today with `lambda-batch check --view <file>`)."
-        );
-        return ExitCode::SUCCESS;
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("lambda-speed: error: {e:#}");
+            ExitCode::from(2)
+        }
     }
-    eprintln!(
-        "lambda-speed: not built yet (the speed layer (Kinesis / JSON-lines consumer writing 5-minute tiles)); nothing was run"
-    );
-    ExitCode::from(2)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run(args) => run_consumer(args),
+        Command::Show {
+            view,
+            store,
+            entities,
+            last,
+        } => show(view, store, entities, last),
+    }
+}
+
+async fn open_store(
+    text: &str,
+    region: &str,
+    endpoint: Option<&str>,
+) -> anyhow::Result<Arc<dyn OnlineStore>> {
+    Ok(match text.strip_prefix("dynamodb://") {
+        Some(table) => {
+            let mut cfg = lambda_store::dynamo::DynamoConfig::new(table, region);
+            cfg.endpoint = endpoint.map(String::from);
+            let s = lambda_store::dynamo::DynamoStore::connect(cfg).await;
+            s.healthcheck()
+                .await
+                .with_context(|| format!("checking the online store {text}"))?;
+            Arc::new(s)
+        }
+        None => Arc::new(lambda_store::embedded::EmbeddedStore::open(text)?),
+    })
+}
+
+fn report(m: &Metrics, started: std::time::Instant) -> String {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let n = get(&m.records_in);
+    format!(
+        "{n} records ({:.0}/s): {} applied, {} duplicates, {} replayed, {} late, {} dead-lettered; {} flushes, {} tiles written, freshness last {} ms / max {} ms",
+        n as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        get(&m.applied),
+        get(&m.duplicates),
+        get(&m.replayed),
+        get(&m.late),
+        get(&m.dead_lettered),
+        get(&m.flushes),
+        get(&m.items_written),
+        get(&m.freshness_ms_last),
+        get(&m.freshness_ms_max),
+    )
+}
+
+fn run_consumer(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let view = Arc::new(FeatureView::load(&args.view)?);
+    let late_dir = match &args.late_dir {
+        Some(d) => d.clone(),
+        None => match view.batch.history.strip_prefix("file://") {
+            Some(p) => PathBuf::from(p),
+            None => PathBuf::from("data/late"),
+        },
+    };
+    let config = Arc::new(ConsumerConfig {
+        flush_interval: Duration::from_millis(args.flush_interval.millis().max(1) as u64),
+        batch_size: args.batch_size.max(1),
+        tile_ttl_ms: args.tile_ttl.millis(),
+        exit_at_end: args.exit_at_end,
+        dead_letter_dir: args.dead_letter_dir.clone(),
+        late_dir,
+        ..ConsumerConfig::default()
+    });
+    let source: Arc<dyn Source> = Arc::new(FileSource::new(&args.source));
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async {
+        let store = open_store(&args.store, &args.region, args.endpoint.as_deref()).await?;
+        let metrics = Arc::new(Metrics::default());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // ctrl-c or SIGTERM: stop reading, flush, checkpoint, exit 0.
+        tokio::spawn(async move {
+            #[cfg(unix)]
+            {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("installing the SIGTERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            #[cfg(not(unix))]
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("Stopping: flushing tiles and checkpointing.");
+            let _ = stop_tx.send(true);
+        });
+        let started = std::time::Instant::now();
+        let m = metrics.clone();
+        let every = Duration::from_secs(args.report_every.max(1));
+        let reporter = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                tracing::info!("{}", report(&m, started));
+            }
+        });
+        let result = run_all(view, source, store, config, metrics.clone(), stop_rx).await;
+        reporter.abort();
+        eprintln!("lambda-speed: {}", report(&metrics, started));
+        result.context("consuming the stream")?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn show(
+    view: PathBuf,
+    store: PathBuf,
+    entities: Vec<String>,
+    last: usize,
+) -> anyhow::Result<ExitCode> {
+    use lambda_speed::tiler::decode_tile;
+    let v = FeatureView::load(&view)?;
+    let aggs = v.aggs();
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let s = lambda_store::embedded::EmbeddedStore::open(&store)?;
+    let mut missing = false;
+    for e in &entities {
+        let pk = lambda_store::ItemKey::partition(&v.name, e);
+        let items = rt.block_on(s.query(&pk, "tile#", "tile#~"))?;
+        if items.is_empty() {
+            println!("{e}: no live tiles");
+            missing = true;
+            continue;
+        }
+        println!(
+            "{e}: {} live tiles (newest {} shown)",
+            items.len(),
+            last.min(items.len())
+        );
+        for item in items.iter().rev().take(last).rev() {
+            let (states, ids) =
+                decode_tile(&aggs, &item.data).with_context(|| format!("decoding {}", item.key))?;
+            let mut parts = item.key.sk.splitn(3, '#').skip(1);
+            let start: i64 = parts.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+            let shard = parts.next().unwrap_or("");
+            let values: Vec<String> = aggs
+                .iter()
+                .zip(&states)
+                .map(|(a, st)| match a.finalize(st) {
+                    Ok(lambda_core::Value::Null) => format!("{}=NULL", a.name),
+                    Ok(lambda_core::Value::Decimal(d)) => match a.output_type {
+                        lambda_core::ColumnType::Decimal { scale, .. } => {
+                            format!(
+                                "{}={}",
+                                a.name,
+                                lambda_core::types::format_decimal(d, scale)
+                            )
+                        }
+                        _ => format!("{}={d}", a.name),
+                    },
+                    Ok(lambda_core::Value::Float(x)) => format!("{}={x:.4}", a.name),
+                    Ok(lambda_core::Value::Int(x)) => format!("{}={x}", a.name),
+                    Ok(other) => format!("{}={other:?}", a.name),
+                    Err(err) => format!("{}=<{err}>", a.name),
+                })
+                .collect();
+            println!(
+                "  tile {} shard {shard}: {} events; {}",
+                format_ts(start),
+                ids.len(),
+                values.join(", ")
+            );
+        }
+    }
+    Ok(if missing {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

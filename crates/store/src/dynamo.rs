@@ -592,6 +592,38 @@ impl OnlineStore for DynamoStore {
         }
     }
 
+    async fn put_each(&self, items: &[Item], condition: Condition) -> Vec<Result<(), StoreError>> {
+        // Conditional writes cannot be batched (BatchWriteItem has no conditions): send them in
+        // parallel, bounded.
+        let limit = self.cfg.concurrency.max(1) * 4;
+        let mut out: Vec<Option<Result<(), StoreError>>> = (0..items.len()).map(|_| None).collect();
+        let mut set = JoinSet::new();
+        let mut next = 0;
+        loop {
+            while set.len() < limit && next < items.len() {
+                let (this, item, i) = (self.clone(), items[next].clone(), next);
+                set.spawn(async move { (i, this.put(&item, condition).await) });
+                next += 1;
+            }
+            match set.join_next().await {
+                None => break,
+                Some(Ok((i, r))) => out[i] = Some(r),
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "A conditional write task failed (a bug).");
+                }
+            }
+        }
+        out.into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| {
+                    Err(StoreError::Internal(
+                        "a conditional write task failed".into(),
+                    ))
+                })
+            })
+            .collect()
+    }
+
     async fn batch_put(&self, items: &[Item]) -> Result<BatchStats, StoreError> {
         for i in items {
             validate_item(i)?;

@@ -239,46 +239,80 @@ impl OnlineStore for EmbeddedStore {
     }
 
     async fn put(&self, item: &Item, condition: Condition) -> Result<(), StoreError> {
-        validate_item(item)?;
-        if matches!(condition, Condition::GuardAdvances | Condition::GuardEquals)
-            && item.guard.is_none()
-        {
-            return Err(StoreError::InvalidInput(format!(
-                "{condition:?} write of {} without a guard",
-                item.key
-            )));
-        }
-        let item = item.clone();
-        self.blocking(move |s| {
-            let now = s.clock.now_ms();
-            let txn = s.db.begin_write().map_err(|e| s.err(e))?;
-            {
-                let mut table = txn.open_table(ITEMS).map_err(|e| s.err(e))?;
-                let existing = s.read_live(&table, &item.key, now)?;
-                let ok = match (condition, &existing) {
-                    (Condition::GuardEquals, None) => false,
-                    (Condition::GuardEquals, Some(old)) => old.guard == item.guard,
-                    (Condition::Always, _) | (_, None) => true,
-                    (Condition::NotExists, Some(_)) => false,
-                    (Condition::GuardAdvances, Some(old)) => match (&old.guard, &item.guard) {
-                        (None, _) => true,
-                        (Some(o), Some(n)) => o < n,
-                        (Some(_), None) => false,
-                    },
-                };
-                if !ok {
-                    return Err(StoreError::ConditionFailed {
-                        key: item.key.clone(),
-                    });
+        self.put_each(std::slice::from_ref(item), condition)
+            .await
+            .pop()
+            .unwrap_or(Ok(()))
+    }
+
+    async fn put_each(&self, items: &[Item], condition: Condition) -> Vec<Result<(), StoreError>> {
+        let mut checked: Vec<Result<(), StoreError>> = Vec::with_capacity(items.len());
+        for item in items {
+            checked.push(validate_item(item).and_then(|()| {
+                if matches!(condition, Condition::GuardAdvances | Condition::GuardEquals)
+                    && item.guard.is_none()
+                {
+                    Err(StoreError::InvalidInput(format!(
+                        "{condition:?} write of {} without a guard",
+                        item.key
+                    )))
+                } else {
+                    Ok(())
                 }
-                table
-                    .insert(composite(&item.key).as_str(), encode(&item).as_slice())
-                    .map_err(|e| s.err(e))?;
+            }));
+        }
+        let owned: Vec<Item> = items.to_vec();
+        let n = owned.len();
+        // One write transaction checks and writes every item: conditions see each other's
+        // effects in order, as separate writes would.
+        let result = self
+            .blocking(move |s| {
+                let now = s.clock.now_ms();
+                let txn = s.db.begin_write().map_err(|e| s.err(e))?;
+                {
+                    let mut table = txn.open_table(ITEMS).map_err(|e| s.err(e))?;
+                    for (item, check) in owned.iter().zip(checked.iter_mut()) {
+                        if check.is_err() {
+                            continue;
+                        }
+                        let existing = s.read_live(&table, &item.key, now)?;
+                        let ok = match (condition, &existing) {
+                            (Condition::GuardEquals, None) => false,
+                            (Condition::GuardEquals, Some(old)) => old.guard == item.guard,
+                            (Condition::Always, _) | (_, None) => true,
+                            (Condition::NotExists, Some(_)) => false,
+                            (Condition::GuardAdvances, Some(old)) => {
+                                match (&old.guard, &item.guard) {
+                                    (None, _) => true,
+                                    (Some(o), Some(n)) => o < n,
+                                    (Some(_), None) => false,
+                                }
+                            }
+                        };
+                        if !ok {
+                            *check = Err(StoreError::ConditionFailed {
+                                key: item.key.clone(),
+                            });
+                            continue;
+                        }
+                        table
+                            .insert(composite(&item.key).as_str(), encode(item).as_slice())
+                            .map_err(|e| s.err(e))?;
+                    }
+                }
+                txn.commit().map_err(|e| s.err(e))?;
+                Ok(checked)
+            })
+            .await;
+        match result {
+            Ok(v) => v,
+            Err(e) => {
+                let text = e.to_string();
+                (0..n)
+                    .map(|_| Err(StoreError::Internal(text.clone())))
+                    .collect()
             }
-            txn.commit().map_err(|e| s.err(e))?;
-            Ok(())
-        })
-        .await
+        }
     }
 
     async fn batch_put(&self, items: &[Item]) -> Result<BatchStats, StoreError> {

@@ -253,6 +253,16 @@ pub trait OnlineStore: Send + Sync + fmt::Debug {
     async fn put(&self, item: &Item, condition: Condition) -> Result<(), StoreError>;
     /// Writes many items unconditionally (idempotent: the same items twice give the same state).
     async fn batch_put(&self, items: &[Item]) -> Result<BatchStats, StoreError>;
+    /// Writes each item under `condition`, independently (not a transaction): one result per
+    /// item, in order. Backends do it faster than one [`OnlineStore::put`] after another (one
+    /// local transaction; parallel requests on DynamoDB).
+    async fn put_each(&self, items: &[Item], condition: Condition) -> Vec<Result<(), StoreError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for i in items {
+            out.push(self.put(i, condition).await);
+        }
+        out
+    }
     /// Deletes an item (absent is fine).
     async fn delete(&self, key: &ItemKey) -> Result<(), StoreError>;
 }

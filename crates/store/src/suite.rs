@@ -28,6 +28,51 @@ pub async fn run_all(store: Arc<dyn OnlineStore>, clock: &ManualClock, prefix: &
     expiry(store.as_ref(), clock, prefix).await;
     invalid_input(store.as_ref(), prefix).await;
     leases(store.clone(), clock, prefix).await;
+    put_each(store.as_ref(), prefix).await;
+}
+
+/// `put_each`: every item's condition on its own, one result per item, in order.
+async fn put_each(s: &dyn OnlineStore, p: &str) {
+    let pk = format!("{p}-each#u1");
+    let old = item(&pk, "tile#1#s", b"old", Some(10), None);
+    s.put(&old, Condition::Always).await.unwrap();
+    let items = vec![
+        item(&pk, "tile#1#s", b"older", Some(9), None),
+        item(&pk, "tile#2#s", b"new", Some(1), None),
+        item(&pk, "tile#3#s", b"newer", Some(5), None),
+    ];
+    let mut many = items.clone();
+    for k in 0..60 {
+        many.push(item(
+            &pk,
+            &format!("tile#{:03}#x", 100 + k),
+            b"x",
+            Some(1),
+            None,
+        ));
+    }
+    let r = s.put_each(&many, Condition::GuardAdvances).await;
+    assert_eq!(r.len(), many.len());
+    assert!(
+        matches!(r[0], Err(StoreError::ConditionFailed { .. })),
+        "{:?}",
+        r[0]
+    );
+    assert!(r[1..].iter().all(|x| x.is_ok()), "{r:?}");
+    assert_eq!(
+        s.get(&old.key).await.unwrap(),
+        Some(old.clone()),
+        "not moved backwards"
+    );
+    assert_eq!(s.get(&items[2].key).await.unwrap(), Some(items[2].clone()));
+    assert_eq!(s.query(&pk, "tile#", "tile#~").await.unwrap().len(), 63);
+    // Replaying the same writes: each fails its condition, nothing changes.
+    let again = s.put_each(&many[1..], Condition::GuardAdvances).await;
+    assert!(
+        again
+            .iter()
+            .all(|x| matches!(x, Err(StoreError::ConditionFailed { .. })))
+    );
 }
 
 /// Leases: one holder at a time (also under a race), only the holder renews or releases, an

@@ -1,0 +1,515 @@
+//! The shard consumer: read → decode → tile → flush → checkpoint, with an exactly-once effect on
+//! the online store.
+//!
+//! * Every (entity, tile, shard) is one item holding the whole tile state, its applied event ids
+//!   and, as its guard, the highest sequence number applied. Items are written with
+//!   [`Condition::GuardAdvances`], so a replay or a zombie can never move a tile backwards.
+//! * A tile first touched after a (re)start is loaded from the store; records at or below its
+//!   guard are skipped. The checkpoint (position and highest event time) is written only after
+//!   the tiles and sinks covering the records before it are acknowledged, so a kill at any point
+//!   replays from the checkpoint into exactly the state of an uninterrupted run.
+//! * Tiles are flushed every `flush_interval` (and whenever the reader is caught up), so an event
+//!   is visible to serving about that long after it is read. Reading waits while a flush runs
+//!   (backpressure): memory holds at most one interval of changes plus the open tiles.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use foldhash::fast::RandomState;
+use lambda_core::FeatureView;
+use lambda_core::decode::EventDecoder;
+use lambda_core::time::{DAY_MS, SECOND_MS};
+use lambda_store::{Condition, Guard, Item, ItemKey, OnlineStore, StoreError};
+use serde::{Deserialize, Serialize};
+
+use crate::sink::{DeadLetters, LateEvents, SinkError};
+use crate::source::{Record, Source, SourceError};
+use crate::tiler::{Applied, TileDecodeError, TileKey, Tiler, decode_tile};
+
+/// Errors that stop a shard's consumer.
+#[derive(Debug, thiserror::Error)]
+pub enum SpeedError {
+    /// Reading the stream.
+    #[error("reading the stream")]
+    Source(#[from] SourceError),
+    /// Writing a sink.
+    #[error("writing a sink")]
+    Sink(#[from] SinkError),
+    /// The online store, after retries.
+    #[error("online store")]
+    Store(#[from] StoreError),
+    /// A stored tile cannot be read.
+    #[error("stored tile {key}")]
+    Tile {
+        /// The item.
+        key: String,
+        /// The cause.
+        #[source]
+        source: TileDecodeError,
+    },
+    /// Another consumer moved this shard's checkpoint past ours: it owns the shard now.
+    #[error("shard {0}: another consumer has taken it over (its checkpoint is ahead of ours)")]
+    TakenOver(String),
+}
+
+/// Consumer settings.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// How often changed tiles are written (freshness).
+    pub flush_interval: Duration,
+    /// Records per read.
+    pub batch_size: usize,
+    /// How long a tile item lives after its tile ends (must exceed the batch view's reach).
+    pub tile_ttl_ms: i64,
+    /// Conditional writes in flight per shard.
+    pub max_in_flight: usize,
+    /// Wait between reads once caught up.
+    pub poll_interval: Duration,
+    /// Stop each shard once it is caught up (demos, tests, replays of a finite file).
+    pub exit_at_end: bool,
+    /// Directory of dead letters.
+    pub dead_letter_dir: std::path::PathBuf,
+    /// Directory (the batch history) for late events.
+    pub late_dir: std::path::PathBuf,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            flush_interval: Duration::from_secs(1),
+            batch_size: 10_000,
+            tile_ttl_ms: 3 * DAY_MS,
+            max_in_flight: 32,
+            poll_interval: Duration::from_millis(200),
+            exit_at_end: false,
+            dead_letter_dir: "data/dead-letter".into(),
+            late_dir: "data/history".into(),
+        }
+    }
+}
+
+/// Counters of one consumer process (all shards), for logs and metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Records read.
+    pub records_in: AtomicU64,
+    /// Events applied to a tile.
+    pub applied: AtomicU64,
+    /// Duplicate deliveries skipped.
+    pub duplicates: AtomicU64,
+    /// Records skipped on replay (already in their tile).
+    pub replayed: AtomicU64,
+    /// Late events sent to the late sink.
+    pub late: AtomicU64,
+    /// Records sent to the dead-letter sink.
+    pub dead_lettered: AtomicU64,
+    /// Flushes done.
+    pub flushes: AtomicU64,
+    /// Tile items written.
+    pub items_written: AtomicU64,
+    /// Conditional writes that found a newer item (reloaded).
+    pub conflicts: AtomicU64,
+    /// Store errors retried.
+    pub store_retries: AtomicU64,
+    /// Longest flush, ms.
+    pub flush_ms_max: AtomicU64,
+    /// Last flush's freshness: from reading the oldest record it covers to its tiles being
+    /// acknowledged, ms.
+    pub freshness_ms_last: AtomicU64,
+    /// Highest freshness seen, ms.
+    pub freshness_ms_max: AtomicU64,
+    /// Event-time lag: wall clock minus the newest event time applied, ms (last flush).
+    pub event_lag_ms: AtomicI64,
+    /// How far behind the stream's head the last read was (Kinesis `MillisBehindLatest`).
+    pub millis_behind: AtomicI64,
+}
+
+/// A shard's checkpoint: where to resume and the highest event time applied before it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Source position after the last record covered.
+    pub position: Option<String>,
+    /// Highest event time applied (restores the watermark).
+    pub max_event_time: Option<i64>,
+}
+
+/// The store key of a shard's checkpoint.
+pub fn checkpoint_key(view: &str, source: &str, shard: &str) -> ItemKey {
+    ItemKey::new(format!("checkpoint#{view}#{source}"), shard)
+}
+
+/// Reads a shard's checkpoint.
+pub async fn load_checkpoint(
+    store: &dyn OnlineStore,
+    key: &ItemKey,
+) -> Result<(Checkpoint, u128), StoreError> {
+    Ok(match store.get(key).await? {
+        None => (Checkpoint::default(), 0),
+        Some(item) => {
+            let cp = serde_json::from_slice(&item.data).map_err(|e| StoreError::Corrupt {
+                key: key.to_string(),
+                reason: format!("checkpoint: {e}"),
+            })?;
+            let guard = item
+                .guard
+                .map(|g| g.as_padded().trim_start_matches('0').parse().unwrap_or(0))
+                .unwrap_or(0);
+            (cp, guard)
+        }
+    })
+}
+
+/// Everything a shard consumer needs.
+pub struct Shard<'a> {
+    /// The feature view.
+    pub view: &'a FeatureView,
+    /// The stream.
+    pub source: &'a dyn Source,
+    /// The shard id.
+    pub shard: String,
+    /// Tiles and checkpoints.
+    pub store: &'a dyn OnlineStore,
+    /// Settings.
+    pub config: &'a ConsumerConfig,
+    /// Counters.
+    pub metrics: &'a Metrics,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn guard_value(g: &Option<Guard>) -> u128 {
+    g.as_ref()
+        .and_then(|g| g.as_padded().trim_start_matches('0').parse().ok())
+        .unwrap_or(0)
+}
+
+impl Shard<'_> {
+    /// Consumes the shard until `stop` turns true (then flushes and checkpoints) or, with
+    /// `exit_at_end`, until it is caught up.
+    pub async fn run(
+        &self,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), SpeedError> {
+        let view = self.view;
+        let m = self.metrics;
+        let cp_key = checkpoint_key(&view.name, &self.source.name(), &self.shard);
+        let (cp, mut cp_guard) = load_checkpoint(self.store, &cp_key).await?;
+        tracing::info!(shard = %self.shard, position = ?cp.position, "Starting the shard.");
+        let mut tiler = Tiler::new(view, cp.max_event_time);
+        let mut reader = self
+            .source
+            .open(&self.shard, cp.position.as_deref())
+            .await?;
+        let decoder = EventDecoder::new(&view.source);
+        let mut dead = DeadLetters::new(&self.config.dead_letter_dir, &self.shard);
+        let mut late = LateEvents::new(&self.config.late_dir, &self.shard, &view.source);
+        let mut position = cp.position.clone();
+        let mut last_seq = 0u128;
+        let mut oldest_unflushed: Option<Instant> = None;
+        let mut last_flush = Instant::now();
+        loop {
+            let stopping = *stop.borrow();
+            let batch = if stopping {
+                Default::default()
+            } else {
+                reader.next(self.config.batch_size).await?
+            };
+            if let Some(ms) = batch.millis_behind {
+                m.millis_behind.store(ms, Ordering::Relaxed);
+            }
+            if !batch.records.is_empty() {
+                oldest_unflushed.get_or_insert_with(Instant::now);
+                m.records_in
+                    .fetch_add(batch.records.len() as u64, Ordering::Relaxed);
+                self.apply(&batch.records, &decoder, &mut tiler, &mut dead, &mut late)
+                    .await?;
+                last_seq = batch.records.last().map_or(last_seq, |r| r.seq);
+                position = batch.position.clone().or(position);
+            }
+            let due =
+                last_flush.elapsed() >= self.config.flush_interval || batch.caught_up || stopping;
+            if due && oldest_unflushed.is_some() {
+                let started = Instant::now();
+                self.flush(&mut tiler, &mut dead, &mut late).await?;
+                if last_seq > cp_guard {
+                    let next = Checkpoint {
+                        position: position.clone(),
+                        max_event_time: tiler.max_event_time(),
+                    };
+                    let item = Item {
+                        key: cp_key.clone(),
+                        data: serde_json::to_vec(&next).unwrap_or_default(),
+                        guard: Some(Guard::from_u128(last_seq)),
+                        expires_at: None,
+                    };
+                    match self.store.put(&item, Condition::GuardAdvances).await {
+                        Ok(()) => cp_guard = last_seq,
+                        Err(StoreError::ConditionFailed { .. }) => {
+                            return Err(SpeedError::TakenOver(self.shard.clone()));
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                tiler.evict_final();
+                let took = started.elapsed().as_millis() as u64;
+                m.flushes.fetch_add(1, Ordering::Relaxed);
+                m.flush_ms_max.fetch_max(took, Ordering::Relaxed);
+                if let Some(t) = oldest_unflushed.take() {
+                    let fresh = t.elapsed().as_millis() as u64;
+                    m.freshness_ms_last.store(fresh, Ordering::Relaxed);
+                    m.freshness_ms_max.fetch_max(fresh, Ordering::Relaxed);
+                }
+                if let Some(t) = tiler.max_event_time() {
+                    m.event_lag_ms.store(now_ms() - t, Ordering::Relaxed);
+                }
+                last_flush = Instant::now();
+            }
+            if stopping {
+                tracing::info!(shard = %self.shard, position = ?position, "Shard stopped cleanly.");
+                return Ok(());
+            }
+            if batch.caught_up {
+                if self.config.exit_at_end {
+                    tracing::info!(shard = %self.shard, position = ?position, "Shard caught up; exiting.");
+                    return Ok(());
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(self.config.poll_interval) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+
+    /// Decodes and applies a batch of records (loading the tiles they touch first).
+    async fn apply(
+        &self,
+        records: &[Record],
+        decoder: &EventDecoder,
+        tiler: &mut Tiler,
+        dead: &mut DeadLetters,
+        late: &mut LateEvents,
+    ) -> Result<(), SpeedError> {
+        let m = self.metrics;
+        let mut decoded = Vec::with_capacity(records.len());
+        for r in records {
+            match decoder.decode(&r.data) {
+                Ok(row) => match tiler.key_of(&row) {
+                    Ok((key, t, id)) => decoded.push((r.seq, key, t, id, row)),
+                    Err(e) => {
+                        m.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        dead.push(r.seq, &e.to_string(), &r.data);
+                    }
+                },
+                Err(e) => {
+                    m.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    dead.push(r.seq, &e.to_string(), &r.data);
+                }
+            }
+        }
+        let mut missing: Vec<TileKey> = Vec::new();
+        let mut seen = std::collections::HashSet::<&TileKey, RandomState>::default();
+        for (_, key, ..) in &decoded {
+            if !tiler.is_loaded(key) && seen.insert(key) {
+                missing.push(key.clone());
+            }
+        }
+        for chunk in missing.chunks(100) {
+            self.load(tiler, chunk).await?;
+        }
+        for (seq, key, t, id, row) in decoded {
+            match tiler.apply(key, t, &id, &row, seq) {
+                Applied::Applied => m.applied.fetch_add(1, Ordering::Relaxed),
+                Applied::Duplicate => m.duplicates.fetch_add(1, Ordering::Relaxed),
+                Applied::Replayed => m.replayed.fetch_add(1, Ordering::Relaxed),
+                Applied::Late => {
+                    late.push(seq, t, row);
+                    m.late.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+        }
+        Ok(())
+    }
+
+    fn item_key(&self, key: &TileKey) -> ItemKey {
+        ItemKey::tile(&self.view.name, &key.0, key.1, &self.shard)
+    }
+
+    /// Loads stored tiles into the tiler (absent ones start empty).
+    async fn load(&self, tiler: &mut Tiler, keys: &[TileKey]) -> Result<(), SpeedError> {
+        let item_keys: Vec<ItemKey> = keys.iter().map(|k| self.item_key(k)).collect();
+        let items = self.retry(|| self.store.batch_get(&item_keys)).await?;
+        for ((key, ik), item) in keys.iter().zip(&item_keys).zip(items) {
+            let stored = match item {
+                None => None,
+                Some(item) => {
+                    let (states, ids) =
+                        decode_tile(tiler.aggs(), &item.data).map_err(|source| {
+                            SpeedError::Tile {
+                                key: ik.to_string(),
+                                source,
+                            }
+                        })?;
+                    Some((states, ids, guard_value(&item.guard)))
+                }
+            };
+            tiler.insert_loaded(key.clone(), stored);
+        }
+        Ok(())
+    }
+
+    /// Retries a store call on errors other than a lost condition, with capped exponential
+    /// backoff, until it succeeds: a throttled or unreachable store slows the consumer down
+    /// (nothing is checkpointed meanwhile), it does not lose data.
+    async fn retry<T, F, Fut>(&self, mut call: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match call().await {
+                Ok(v) => return Ok(v),
+                Err(e @ StoreError::ConditionFailed { .. })
+                | Err(e @ StoreError::InvalidInput(_)) => {
+                    return Err(e);
+                }
+                Err(e) => {
+                    self.metrics.store_retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(shard = %self.shard, error = %e, wait_ms = wait.as_millis() as u64, "Online store call failed; retrying.");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Makes the sinks durable, then writes every changed tile (conditionally).
+    async fn flush(
+        &self,
+        tiler: &mut Tiler,
+        dead: &mut DeadLetters,
+        late: &mut LateEvents,
+    ) -> Result<(), SpeedError> {
+        dead.flush()?;
+        for p in late.flush()? {
+            tracing::info!(shard = %self.shard, file = %p.display(), "Late events written for the batch layer.");
+        }
+        let width = self.view.speed.tile.millis();
+        let ttl = self.config.tile_ttl_ms;
+        let dirty = tiler.take_dirty();
+        let items: Vec<Item> = dirty
+            .iter()
+            .map(|(key, data, guard)| Item {
+                key: self.item_key(key),
+                data: data.clone(),
+                guard: Some(Guard::from_u128(*guard)),
+                expires_at: Some((key.1 + width + ttl).div_euclid(SECOND_MS)),
+            })
+            .collect();
+        // Conditional writes, retried (only the failed ones) until the store takes them.
+        let mut todo: Vec<usize> = (0..items.len()).collect();
+        let mut reload = Vec::new();
+        let mut wait = Duration::from_millis(50);
+        while !todo.is_empty() {
+            let batch: Vec<Item> = todo.iter().map(|&i| items[i].clone()).collect();
+            let results = self.store.put_each(&batch, Condition::GuardAdvances).await;
+            let mut failed = Vec::new();
+            let mut last_error = None;
+            for (&i, r) in todo.iter().zip(results) {
+                match r {
+                    Ok(()) => {
+                        self.metrics.items_written.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(StoreError::ConditionFailed { .. }) => {
+                        // The store already holds this tile at a newer guard (written by a
+                        // consumer that got further): its content includes ours; adopt it.
+                        self.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
+                        reload.push(dirty[i].0.clone());
+                    }
+                    Err(e @ StoreError::InvalidInput(_)) => return Err(e.into()),
+                    Err(e) => {
+                        failed.push(i);
+                        last_error = Some(e);
+                    }
+                }
+            }
+            if let Some(e) = last_error {
+                self.metrics.store_retries.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(shard = %self.shard, failed = failed.len(), error = %e, wait_ms = wait.as_millis() as u64, "Tile writes failed; retrying (nothing is checkpointed meanwhile).");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            todo = failed;
+        }
+        for chunk in reload.chunks(100) {
+            self.load(tiler, chunk).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs every shard of `source` in this process (one task each) until `stop` or, with
+/// `exit_at_end`, until all are caught up. Returns the first error.
+pub async fn run_all(
+    view: Arc<FeatureView>,
+    source: Arc<dyn Source>,
+    store: Arc<dyn OnlineStore>,
+    config: Arc<ConsumerConfig>,
+    metrics: Arc<Metrics>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), SpeedError> {
+    let shards = source.shards().await?;
+    tracing::info!(shards = shards.len(), source = %source.name(), "Consuming.");
+    let mut set = tokio::task::JoinSet::new();
+    for shard in shards {
+        let (view, source, store, config, metrics, stop) = (
+            view.clone(),
+            source.clone(),
+            store.clone(),
+            config.clone(),
+            metrics.clone(),
+            stop.clone(),
+        );
+        set.spawn(async move {
+            Shard {
+                view: &view,
+                source: source.as_ref(),
+                shard,
+                store: store.as_ref(),
+                config: &config,
+                metrics: &metrics,
+            }
+            .run(stop)
+            .await
+        });
+    }
+    let mut first = None;
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %format!("{:#}", anyhow_chain(&e)), "A shard stopped with an error.");
+                first.get_or_insert(e);
+            }
+            Err(e) => tracing::error!(error = %e, "A shard task panicked (a bug)."),
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+fn anyhow_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
