@@ -31,8 +31,9 @@ lint: ## clippy on every target, warnings denied
 unit: ## All tests of the workspace.
 	$(CARGO) test --workspace --locked
 
-bench: ## Criterion benchmark: decode + aggregate events/s on one core.
+bench: ## Criterion benchmarks: decode + aggregate, and the speed path, events/s on one core.
 	$(CARGO) bench -p lambda-core --bench decode_aggregate
+	$(CARGO) bench -p lambda-speed --bench tiler
 
 build: ## Release binaries.
 	$(CARGO) build --release --locked --bins

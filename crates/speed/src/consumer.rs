@@ -297,10 +297,20 @@ impl Shard<'_> {
     ) -> Result<(), SpeedError> {
         let m = self.metrics;
         let mut decoded = Vec::with_capacity(records.len());
+        let mut missing: Vec<TileKey> = Vec::new();
+        let mut seen = std::collections::HashSet::<TileKey, RandomState>::default();
         for r in records {
             match decoder.decode(&r.data) {
                 Ok(row) => match tiler.key_of(&row) {
-                    Ok((key, t, id)) => decoded.push((r.seq, key, t, id, row)),
+                    Ok(k) => {
+                        if !tiler.is_loaded(&k.entity, k.tile) {
+                            let key = k.tile_key();
+                            if seen.insert(key.clone()) {
+                                missing.push(key);
+                            }
+                        }
+                        decoded.push((r.seq, row));
+                    }
                     Err(e) => {
                         m.dead_lettered.fetch_add(1, Ordering::Relaxed);
                         dead.push(r.seq, &e.to_string(), &r.data);
@@ -312,22 +322,18 @@ impl Shard<'_> {
                 }
             }
         }
-        let mut missing: Vec<TileKey> = Vec::new();
-        let mut seen = std::collections::HashSet::<&TileKey, RandomState>::default();
-        for (_, key, ..) in &decoded {
-            if !tiler.is_loaded(key) && seen.insert(key) {
-                missing.push(key.clone());
-            }
-        }
         for chunk in missing.chunks(100) {
             self.load(tiler, chunk).await?;
         }
-        for (seq, key, t, id, row) in decoded {
-            match tiler.apply(key, t, &id, &row, seq) {
+        for (seq, row) in decoded {
+            let Ok(k) = tiler.key_of(&row) else { continue };
+            match tiler.apply(&k, &row, seq) {
                 Applied::Applied => m.applied.fetch_add(1, Ordering::Relaxed),
                 Applied::Duplicate => m.duplicates.fetch_add(1, Ordering::Relaxed),
                 Applied::Replayed => m.replayed.fetch_add(1, Ordering::Relaxed),
                 Applied::Late => {
+                    let t = k.time;
+                    drop(k);
                     late.push(seq, t, row);
                     m.late.fetch_add(1, Ordering::Relaxed)
                 }

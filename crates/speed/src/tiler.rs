@@ -9,6 +9,7 @@
 //! Lateness follows `lambda_core::time`: the shard's watermark is its highest event time minus
 //! the out-of-orderness; an event before `watermark − allowed lateness` is late and not applied.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 use foldhash::fast::RandomState;
@@ -129,15 +130,36 @@ pub struct Tiler {
     tile: Span,
     out_of_orderness: Span,
     allowed_lateness: Span,
-    tiles: std::collections::HashMap<TileKey, TileEntry, RandomState>,
+    /// Per entity, its open tiles by start (an entity has few open tiles at once).
+    tiles: std::collections::HashMap<String, Vec<(i64, TileEntry)>, RandomState>,
     max_event_time: i64,
 }
 
-fn text_of(v: &Value) -> Option<String> {
+fn text_of(v: &Value) -> Option<Cow<'_, str>> {
     match v {
-        Value::Str(s) => Some(s.clone()),
-        Value::Int(i) => Some(i.to_string()),
+        Value::Str(s) => Some(Cow::Borrowed(s)),
+        Value::Int(i) => Some(Cow::Owned(i.to_string())),
         _ => None,
+    }
+}
+
+/// Where a row goes: its entity, tile start, event time and event id (borrowed from the row).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowKey<'a> {
+    /// The entity.
+    pub entity: Cow<'a, str>,
+    /// Start of its tile.
+    pub tile: i64,
+    /// Its event time.
+    pub time: i64,
+    /// Its event id.
+    pub id: Cow<'a, str>,
+}
+
+impl RowKey<'_> {
+    /// The owned (entity, tile) key.
+    pub fn tile_key(&self) -> TileKey {
+        (self.entity.to_string(), self.tile)
     }
 }
 
@@ -183,7 +205,7 @@ impl Tiler {
     }
 
     /// The tile a row belongs to, and its event time and id.
-    pub fn key_of(&self, row: &[Value]) -> Result<(TileKey, i64, String), KeyError> {
+    pub fn key_of<'a>(&self, row: &'a [Value]) -> Result<RowKey<'a>, KeyError> {
         let bad = |k: usize, problem: &str| KeyError::Bad {
             column: self.names[k].clone(),
             problem: problem.into(),
@@ -193,12 +215,19 @@ impl Tiler {
             return Err(bad(1, "not a timestamp"));
         };
         let id = text_of(&row[self.id]).ok_or_else(|| bad(2, "not a string or integer"))?;
-        Ok(((entity, tile_start(t, self.tile)), t, id))
+        Ok(RowKey {
+            entity,
+            tile: tile_start(t, self.tile),
+            time: t,
+            id,
+        })
     }
 
     /// Whether the tile is in memory (else its stored item must be loaded first).
-    pub fn is_loaded(&self, key: &TileKey) -> bool {
-        self.tiles.contains_key(key)
+    pub fn is_loaded(&self, entity: &str, tile: i64) -> bool {
+        self.tiles
+            .get(entity)
+            .is_some_and(|v| v.iter().any(|(s, _)| *s == tile))
     }
 
     /// Puts a tile loaded from the store (or a fresh one if it has no item) in memory.
@@ -221,21 +250,41 @@ impl Tiler {
                 dirty: false,
             },
         };
-        self.tiles.insert(key, entry);
+        let v = self.tiles.entry(key.0).or_default();
+        match v.iter_mut().find(|(s, _)| *s == key.1) {
+            Some(slot) => slot.1 = entry,
+            None => v.push((key.1, entry)),
+        }
     }
 
-    /// Applies one record (its tile must be loaded, see [`Tiler::is_loaded`]).
-    pub fn apply(&mut self, key: TileKey, t: i64, id: &str, row: &[Value], seq: u128) -> Applied {
+    /// Applies one record (its tile must be loaded, see [`Tiler::is_loaded`]; an unloaded tile
+    /// starts empty).
+    pub fn apply(&mut self, key: &RowKey<'_>, row: &[Value], seq: u128) -> Applied {
+        let (t, id) = (key.time, key.id.as_ref());
         if is_late(t, self.watermark(), self.allowed_lateness) {
             return Applied::Late;
         }
         let aggs = &self.aggs;
-        let entry = self.tiles.entry(key).or_insert_with(|| TileEntry {
-            states: empty_states(aggs),
-            ids: HashSet::default(),
-            guard: 0,
-            dirty: false,
-        });
+        let tiles = match self.tiles.get_mut(key.entity.as_ref()) {
+            Some(v) => v,
+            None => self.tiles.entry(key.entity.to_string()).or_default(),
+        };
+        let pos = match tiles.iter().position(|(s, _)| *s == key.tile) {
+            Some(p) => p,
+            None => {
+                tiles.push((
+                    key.tile,
+                    TileEntry {
+                        states: empty_states(aggs),
+                        ids: HashSet::default(),
+                        guard: 0,
+                        dirty: false,
+                    },
+                ));
+                tiles.len() - 1
+            }
+        };
+        let entry = &mut tiles[pos].1;
         // The watermark advances exactly as in the first run, replay or not, so lateness decisions
         // after a restart are the same.
         self.max_event_time = self.max_event_time.max(t);
@@ -260,10 +309,15 @@ impl Tiler {
         let mut out: Vec<_> = self
             .tiles
             .iter_mut()
-            .filter(|(_, e)| e.dirty)
-            .map(|(k, e)| {
+            .flat_map(|(entity, v)| v.iter_mut().map(move |(s, e)| (entity, s, e)))
+            .filter(|(_, _, e)| e.dirty)
+            .map(|(entity, s, e)| {
                 e.dirty = false;
-                (k.clone(), encode_tile(aggs, &e.states, &e.ids), e.guard)
+                (
+                    (entity.clone(), *s),
+                    encode_tile(aggs, &e.states, &e.ids),
+                    e.guard,
+                )
             })
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -273,15 +327,17 @@ impl Tiler {
     /// Forgets clean tiles that can no longer change (final); returns how many.
     pub fn evict_final(&mut self) -> usize {
         let (wm, tile, lateness) = (self.watermark(), self.tile, self.allowed_lateness);
-        let before = self.tiles.len();
-        self.tiles
-            .retain(|(_, start), e| e.dirty || !tile_is_final(*start, tile, wm, lateness));
-        before - self.tiles.len()
+        let before = self.len();
+        self.tiles.retain(|_, v| {
+            v.retain(|(start, e)| e.dirty || !tile_is_final(*start, tile, wm, lateness));
+            !v.is_empty()
+        });
+        before - self.len()
     }
 
     /// Tiles in memory.
     pub fn len(&self) -> usize {
-        self.tiles.len()
+        self.tiles.values().map(Vec::len).sum()
     }
 
     /// No tiles in memory.
@@ -290,7 +346,11 @@ impl Tiler {
     }
 
     /// A tile in memory, if loaded.
-    pub fn get(&self, key: &TileKey) -> Option<&TileEntry> {
-        self.tiles.get(key)
+    pub fn get(&self, entity: &str, tile: i64) -> Option<&TileEntry> {
+        self.tiles
+            .get(entity)?
+            .iter()
+            .find(|(s, _)| *s == tile)
+            .map(|(_, e)| e)
     }
 }
