@@ -46,8 +46,21 @@ step "6. The batch view of a few users (features at the cutoff, from their batch
 step "7. The schedules (cron, UTC): what would run"
 "$bin/lambda-batch" schedule --dry-run --state "$dir/scheduler"
 
-step "8. What is not built yet"
-for b in lambda-speed lambda-serve lambda-parity; do
+step "8. The speed layer: the stream's last 25 000 records through lambda-speed (tiles in the same store)"
+tail -n 25000 "$dir/stream/events.jsonl" > "$dir/stream/recent.jsonl"
+rm -rf "$dir/dead-letter"
+"$bin/lambda-speed" run --view examples/fraud/features.toml --source "$dir/stream/recent.jsonl" \
+  --store "$dir/online.redb" --dead-letter-dir "$dir/dead-letter" --late-dir "$dir/history" \
+  --tile-ttl 3650d --exit-at-end 2>&1 | grep -v INFO || true
+echo "dead letters (malformed records, with the reason):"; head -c 300 "$dir"/dead-letter/*.jsonl 2>/dev/null; echo
+echo "late events, written into the history for the batch layer:"; ls "$dir"/history/*/late-* 2>/dev/null | head -3 || true
+
+step "9. Live tiles of a few users (5-minute tiles, fresh about a second after an event is read)"
+"$bin/lambda-speed" show --view examples/fraud/features.toml --store "$dir/online.redb" \
+  --entity u0000000 --entity u0000001 --last 3
+
+step "10. What is not built yet"
+for b in lambda-serve lambda-parity; do
   "$bin/$b" >/dev/null 2>&1 && echo "$b: unexpectedly succeeded" || echo "$b: not built yet (exits non-zero, as it should)"
 done
 
