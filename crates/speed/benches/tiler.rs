@@ -43,7 +43,11 @@ fn bench(c: &mut Criterion) {
                     continue;
                 }
                 if let Ok(key) = tiler.key_of(&row) {
-                    black_box(tiler.apply(&key, &row, seq as u128 + 1));
+                    black_box(tiler.apply(
+                        &key,
+                        &row,
+                        lambda_speed::tiler::Seq::from(seq as u128 + 1),
+                    ));
                 }
                 // A flush as the consumer does it (about every second at 10 k records/s/shard):
                 // encode the changed tiles, forget the final ones.

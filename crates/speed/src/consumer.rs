@@ -24,8 +24,8 @@ use lambda_store::{Condition, Guard, Item, ItemKey, OnlineStore, StoreError};
 use serde::{Deserialize, Serialize};
 
 use crate::sink::{DeadLetters, LateEvents, SinkError};
-use crate::source::{Record, Source, SourceError};
-use crate::tiler::{Applied, TileDecodeError, TileKey, Tiler, decode_tile};
+use crate::source::{Record, ShardInfo, Source, SourceError};
+use crate::tiler::{Applied, Seq, TileDecodeError, TileKey, Tiler, decode_tile};
 
 /// Errors that stop a shard's consumer.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +132,9 @@ pub struct Checkpoint {
     pub position: Option<String>,
     /// Highest event time applied (restores the watermark).
     pub max_event_time: Option<i64>,
+    /// The shard is closed and fully consumed: its children may be read.
+    #[serde(default)]
+    pub finished: bool,
 }
 
 /// The store key of a shard's checkpoint.
@@ -143,19 +146,15 @@ pub fn checkpoint_key(view: &str, source: &str, shard: &str) -> ItemKey {
 pub async fn load_checkpoint(
     store: &dyn OnlineStore,
     key: &ItemKey,
-) -> Result<(Checkpoint, u128), StoreError> {
+) -> Result<(Checkpoint, Seq), StoreError> {
     Ok(match store.get(key).await? {
-        None => (Checkpoint::default(), 0),
+        None => (Checkpoint::default(), Seq::default()),
         Some(item) => {
             let cp = serde_json::from_slice(&item.data).map_err(|e| StoreError::Corrupt {
                 key: key.to_string(),
                 reason: format!("checkpoint: {e}"),
             })?;
-            let guard = item
-                .guard
-                .map(|g| g.as_padded().trim_start_matches('0').parse().unwrap_or(0))
-                .unwrap_or(0);
-            (cp, guard)
+            (cp, guard_value(&item.guard))
         }
     })
 }
@@ -182,23 +181,31 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn guard_value(g: &Option<Guard>) -> u128 {
+fn guard_value(g: &Option<Guard>) -> Seq {
     g.as_ref()
-        .and_then(|g| g.as_padded().trim_start_matches('0').parse().ok())
-        .unwrap_or(0)
+        .and_then(|g| Seq::parse(g.as_padded()))
+        .unwrap_or_default()
+}
+
+fn guard_of(seq: Seq) -> Guard {
+    Guard::new(&seq.to_string()).unwrap_or_else(|_| Guard::from_u128(0))
 }
 
 impl Shard<'_> {
-    /// Consumes the shard until `stop` turns true (then flushes and checkpoints) or, with
-    /// `exit_at_end`, until it is caught up.
+    /// Consumes the shard until `stop` turns true (then flushes and checkpoints), until it is
+    /// closed and read to its end (returns `true`: finished), or, with `exit_at_end`, until it is
+    /// caught up.
     pub async fn run(
         &self,
         mut stop: tokio::sync::watch::Receiver<bool>,
-    ) -> Result<(), SpeedError> {
+    ) -> Result<bool, SpeedError> {
         let view = self.view;
         let m = self.metrics;
         let cp_key = checkpoint_key(&view.name, &self.source.name(), &self.shard);
         let (cp, mut cp_guard) = load_checkpoint(self.store, &cp_key).await?;
+        if cp.finished {
+            return Ok(true);
+        }
         tracing::info!(shard = %self.shard, position = ?cp.position, "Starting the shard.");
         let mut tiler = Tiler::new(view, cp.max_event_time);
         let mut reader = self
@@ -209,7 +216,7 @@ impl Shard<'_> {
         let mut dead = DeadLetters::new(&self.config.dead_letter_dir, &self.shard);
         let mut late = LateEvents::new(&self.config.late_dir, &self.shard, &view.source);
         let mut position = cp.position.clone();
-        let mut last_seq = 0u128;
+        let mut last_seq = Seq::default();
         let mut oldest_unflushed: Option<Instant> = None;
         let mut last_flush = Instant::now();
         loop {
@@ -240,11 +247,12 @@ impl Shard<'_> {
                     let next = Checkpoint {
                         position: position.clone(),
                         max_event_time: tiler.max_event_time(),
+                        finished: false,
                     };
                     let item = Item {
                         key: cp_key.clone(),
                         data: serde_json::to_vec(&next).unwrap_or_default(),
-                        guard: Some(Guard::from_u128(last_seq)),
+                        guard: Some(guard_of(last_seq)),
                         expires_at: None,
                     };
                     match self.store.put(&item, Condition::GuardAdvances).await {
@@ -271,12 +279,32 @@ impl Shard<'_> {
             }
             if stopping {
                 tracing::info!(shard = %self.shard, position = ?position, "Shard stopped cleanly.");
-                return Ok(());
+                return Ok(false);
+            }
+            if batch.closed && batch.records.is_empty() && oldest_unflushed.is_none() {
+                // Everything read is flushed: mark the shard finished so its children start.
+                let done = Item {
+                    key: cp_key.clone(),
+                    data: serde_json::to_vec(&Checkpoint {
+                        position: position.clone(),
+                        max_event_time: tiler.max_event_time(),
+                        finished: true,
+                    })
+                    .unwrap_or_default(),
+                    guard: Some(guard_of(Seq::MAX)),
+                    expires_at: None,
+                };
+                match self.store.put(&done, Condition::GuardAdvances).await {
+                    Ok(()) | Err(StoreError::ConditionFailed { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                tracing::info!(shard = %self.shard, position = ?position, "Shard closed and fully consumed.");
+                return Ok(true);
             }
             if batch.caught_up {
-                if self.config.exit_at_end {
+                if self.config.exit_at_end && !batch.closed {
                     tracing::info!(shard = %self.shard, position = ?position, "Shard caught up; exiting.");
-                    return Ok(());
+                    return Ok(false);
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(self.config.poll_interval) => {}
@@ -414,7 +442,7 @@ impl Shard<'_> {
             .map(|(key, data, guard)| Item {
                 key: self.item_key(key),
                 data: data.clone(),
-                guard: Some(Guard::from_u128(*guard)),
+                guard: Some(guard_of(*guard)),
                 expires_at: Some((key.1 + width + ttl).div_euclid(SECOND_MS)),
             })
             .collect();
@@ -461,7 +489,9 @@ impl Shard<'_> {
 }
 
 /// Runs every shard of `source` in this process (one task each) until `stop` or, with
-/// `exit_at_end`, until all are caught up. Returns the first error.
+/// `exit_at_end`, until all are caught up. A shard created by resharding starts only once all of
+/// its parents are finished (read to their end), so an entity's events are applied in order.
+/// Returns the first error.
 pub async fn run_all(
     view: Arc<FeatureView>,
     source: Arc<dyn Source>,
@@ -470,37 +500,62 @@ pub async fn run_all(
     metrics: Arc<Metrics>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), SpeedError> {
-    let shards = source.shards().await?;
-    tracing::info!(shards = shards.len(), source = %source.name(), "Consuming.");
+    let mut known: Vec<ShardInfo> = source.shards().await?;
+    tracing::info!(shards = known.len(), source = %source.name(), "Consuming.");
+    let mut finished: std::collections::HashSet<String> = Default::default();
+    let mut started: std::collections::HashSet<String> = Default::default();
     let mut set = tokio::task::JoinSet::new();
-    for shard in shards {
-        let (view, source, store, config, metrics, stop) = (
-            view.clone(),
-            source.clone(),
-            store.clone(),
-            config.clone(),
-            metrics.clone(),
-            stop.clone(),
-        );
-        set.spawn(async move {
-            Shard {
-                view: &view,
-                source: source.as_ref(),
-                shard,
-                store: store.as_ref(),
-                config: &config,
-                metrics: &metrics,
-            }
-            .run(stop)
-            .await
-        });
-    }
     let mut first = None;
-    while let Some(r) = set.join_next().await {
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(error = %format!("{:#}", anyhow_chain(&e)), "A shard stopped with an error.");
+    loop {
+        let ids: std::collections::HashSet<&str> = known.iter().map(|s| s.id.as_str()).collect();
+        let ready: Vec<String> = known
+            .iter()
+            .filter(|s| !started.contains(&s.id))
+            .filter(|s| {
+                s.parents
+                    .iter()
+                    .all(|p| finished.contains(p) || !ids.contains(p.as_str()))
+            })
+            .map(|s| s.id.clone())
+            .collect();
+        for shard in ready {
+            started.insert(shard.clone());
+            let (view, source, store, config, metrics, stop) = (
+                view.clone(),
+                source.clone(),
+                store.clone(),
+                config.clone(),
+                metrics.clone(),
+                stop.clone(),
+            );
+            set.spawn(async move {
+                let r = Shard {
+                    view: &view,
+                    source: source.as_ref(),
+                    shard: shard.clone(),
+                    store: store.as_ref(),
+                    config: &config,
+                    metrics: &metrics,
+                }
+                .run(stop)
+                .await;
+                (shard, r)
+            });
+        }
+        let Some(done) = set.join_next().await else {
+            break;
+        };
+        match done {
+            Ok((shard, Ok(true))) => {
+                finished.insert(shard);
+                // Its children may be new: list again.
+                if !*stop.borrow() {
+                    known = source.shards().await?;
+                }
+            }
+            Ok((_, Ok(false))) => {}
+            Ok((shard, Err(e))) => {
+                tracing::error!(%shard, error = %anyhow_chain(&e), "A shard stopped with an error.");
                 first.get_or_insert(e);
             }
             Err(e) => tracing::error!(error = %e, "A shard task panicked (a bug)."),

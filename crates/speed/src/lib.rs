@@ -10,6 +10,7 @@
 //! core's mergeable states, so serving merges both without translation.
 
 pub mod consumer;
+pub mod kinesis;
 pub mod sink;
 pub mod source;
 pub mod tiler;

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use lambda_core::time::format_ts;
 use lambda_core::{FeatureView, Span};
 use lambda_speed::consumer::{ConsumerConfig, Metrics, run_all};
+use lambda_speed::kinesis::{KinesisConfig, KinesisSource};
 use lambda_speed::source::{FileSource, Source};
 use lambda_store::OnlineStore;
 
@@ -52,10 +53,13 @@ struct RunArgs {
     /// The feature definition (TOML).
     #[arg(long)]
     view: PathBuf,
-    /// The stream: a JSON-lines file (one shard) or a directory of `*.jsonl` files (a shard
-    /// each), read from the last checkpoint on.
+    /// The stream: `kinesis://STREAM`, or (embedded default) a JSON-lines file (one shard) or a
+    /// directory of `*.jsonl` files (a shard each); read from the last checkpoint on.
     #[arg(long)]
-    source: PathBuf,
+    source: String,
+    /// Custom Kinesis endpoint (an emulator such as kinesis-mock); unset for AWS.
+    #[arg(long, env = "AWS_ENDPOINT_URL_KINESIS")]
+    kinesis_endpoint: Option<String>,
     /// The online store: a redb file path (embedded default) or `dynamodb://TABLE`.
     #[arg(long, default_value = "data/online.redb")]
     store: String,
@@ -172,9 +176,20 @@ fn run_consumer(args: RunArgs) -> anyhow::Result<ExitCode> {
         late_dir,
         ..ConsumerConfig::default()
     });
-    let source: Arc<dyn Source> = Arc::new(FileSource::new(&args.source));
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async {
+        let source: Arc<dyn Source> = match args.source.strip_prefix("kinesis://") {
+            Some(stream) => Arc::new(
+                KinesisSource::connect(&KinesisConfig {
+                    stream: stream.to_string(),
+                    region: args.region.clone(),
+                    endpoint: args.kinesis_endpoint.clone(),
+                    static_credentials: None,
+                })
+                .await,
+            ),
+            None => Arc::new(FileSource::new(&args.source)),
+        };
         let store = open_store(&args.store, &args.region, args.endpoint.as_deref()).await?;
         let metrics = Arc::new(Metrics::default());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

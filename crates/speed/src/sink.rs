@@ -18,6 +18,8 @@ use lambda_core::spec::Source;
 use lambda_core::time::DAY_MS;
 use lambda_core::{Row, Value};
 
+use crate::tiler::Seq;
+
 /// A sink failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -66,7 +68,7 @@ impl DeadLetters {
     }
 
     /// Keeps a record that could not be used, with the reason.
-    pub fn push(&mut self, seq: u128, reason: &str, record: &[u8]) {
+    pub fn push(&mut self, seq: Seq, reason: &str, record: &[u8]) {
         let line = serde_json::json!({
             "shard": self.shard,
             "seq": seq.to_string(),
@@ -109,7 +111,7 @@ pub struct LateEvents {
     shard: String,
     source: Source,
     /// Per day: first sequence number and rows.
-    pending: BTreeMap<i64, (u128, Vec<Row>)>,
+    pending: BTreeMap<i64, (Seq, Vec<Row>)>,
 }
 
 impl LateEvents {
@@ -124,7 +126,7 @@ impl LateEvents {
     }
 
     /// Keeps a late event.
-    pub fn push(&mut self, seq: u128, event_time: i64, row: Row) {
+    pub fn push(&mut self, seq: Seq, event_time: i64, row: Row) {
         let day = event_time - event_time.rem_euclid(DAY_MS);
         self.pending
             .entry(day)
@@ -141,8 +143,8 @@ impl LateEvents {
             let date = lambda_core::time::format_ts(day)[..10].to_string();
             let dir = self.dir.join(format!("date={date}"));
             std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-            let path = dir.join(format!("late-{}-{seq:020}.parquet", self.shard));
-            let tmp = dir.join(format!(".tmp-late-{}-{seq:020}", self.shard));
+            let path = dir.join(format!("late-{}-{seq:0>56}.parquet", self.shard));
+            let tmp = dir.join(format!(".tmp-late-{}-{seq:0>56}", self.shard));
             let perr = |e: &dyn std::fmt::Display| SinkError::Parquet {
                 path: path.clone(),
                 message: e.to_string(),

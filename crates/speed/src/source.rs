@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
+use crate::tiler::Seq;
+
 /// One record of a shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// Position in the shard; strictly increasing.
-    pub seq: u128,
+    pub seq: Seq,
     /// The raw payload (one JSON event).
     pub data: Vec<u8>,
 }
@@ -29,6 +31,17 @@ pub struct Batch {
     pub caught_up: bool,
     /// How far behind the shard's newest record this read is, if the source knows.
     pub millis_behind: Option<i64>,
+    /// The shard is closed (split or merged) and read to its end: it will never have more.
+    pub closed: bool,
+}
+
+/// A shard and the shards it was split or merged from (read those to their end first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardInfo {
+    /// The shard id.
+    pub id: String,
+    /// Parent shard ids (none for an original shard).
+    pub parents: Vec<String>,
 }
 
 /// Errors of a source, naming the shard or file.
@@ -54,6 +67,16 @@ pub enum SourceError {
     /// The shard does not exist.
     #[error("no shard `{0}`")]
     NoShard(String),
+    /// Kinesis failed (after the SDK's retries).
+    #[error("Kinesis {operation} on stream {stream}: {message}")]
+    Kinesis {
+        /// The API call.
+        operation: &'static str,
+        /// The stream.
+        stream: String,
+        /// The SDK's message.
+        message: String,
+    },
 }
 
 /// A stream: its shards and a reader for each.
@@ -61,8 +84,8 @@ pub enum SourceError {
 pub trait Source: Send + Sync {
     /// A stable name (part of checkpoint keys).
     fn name(&self) -> String;
-    /// The shards.
-    async fn shards(&self) -> Result<Vec<String>, SourceError>;
+    /// The shards, with their parents.
+    async fn shards(&self) -> Result<Vec<ShardInfo>, SourceError>;
     /// A reader of `shard` starting after `position` (from the start if `None`).
     async fn open(
         &self,
@@ -113,7 +136,7 @@ impl Source for FileSource {
         format!("file:{}", self.path.display())
     }
 
-    async fn shards(&self) -> Result<Vec<String>, SourceError> {
+    async fn shards(&self) -> Result<Vec<ShardInfo>, SourceError> {
         if !self.path.is_dir() {
             let name = self
                 .path
@@ -123,7 +146,10 @@ impl Source for FileSource {
             if !self.path.exists() {
                 return Err(io(&self.path)(std::io::ErrorKind::NotFound.into()));
             }
-            return Ok(vec![name.to_string()]);
+            return Ok(vec![ShardInfo {
+                id: name.to_string(),
+                parents: Vec::new(),
+            }]);
         }
         let mut out: Vec<String> = std::fs::read_dir(&self.path)
             .map_err(io(&self.path))?
@@ -132,7 +158,13 @@ impl Source for FileSource {
             .filter(|n| n.ends_with(".jsonl"))
             .collect();
         out.sort();
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .map(|id| ShardInfo {
+                id,
+                parents: Vec::new(),
+            })
+            .collect())
     }
 
     async fn open(
@@ -196,7 +228,7 @@ impl FileReader {
                 continue;
             }
             batch.records.push(Record {
-                seq: u128::from(start) + 1,
+                seq: Seq::from(u128::from(start) + 1),
                 data: body.to_vec(),
             });
         }

@@ -18,6 +18,58 @@ use lambda_core::codec::{CodecError, Reader, Writer};
 use lambda_core::time::{is_late, tile_is_final, tile_start, watermark};
 use lambda_core::{AggState, Aggregation, FeatureView, Span, Value};
 
+/// A record's position in its shard: a non-negative integer of up to 64 decimal digits (Kinesis
+/// sequence numbers have 56; a store guard holds 64), ordered numerically.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Seq {
+    hi: u128,
+    lo: u128,
+}
+
+const LO_DIGITS: usize = 38;
+const LO_BASE: u128 = 100_000_000_000_000_000_000_000_000_000_000_000_000; // 10^38
+
+impl Seq {
+    /// The largest value, 64 nines (above every real sequence number; fits a store guard).
+    pub const MAX: Seq = Seq {
+        hi: 100_000_000_000_000_000_000_000_000 - 1, // 10^26 - 1
+        lo: LO_BASE - 1,
+    };
+
+    /// Parses decimal digits (leading zeros allowed); `None` if not digits or too long.
+    pub fn parse(text: &str) -> Option<Seq> {
+        let t = text.trim_start_matches('0');
+        if !text.bytes().all(|b| b.is_ascii_digit()) || t.len() > 64 {
+            return None;
+        }
+        let split = t.len().saturating_sub(LO_DIGITS);
+        let (h, l) = t.split_at(split);
+        Some(Seq {
+            hi: if h.is_empty() { 0 } else { h.parse().ok()? },
+            lo: if l.is_empty() { 0 } else { l.parse().ok()? },
+        })
+    }
+}
+
+impl From<u128> for Seq {
+    fn from(n: u128) -> Seq {
+        Seq {
+            hi: n / LO_BASE,
+            lo: n % LO_BASE,
+        }
+    }
+}
+
+impl std::fmt::Display for Seq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.hi == 0 {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}{:038}", self.hi, self.lo)
+        }
+    }
+}
+
 /// Format version of a tile item's payload.
 pub const TILE_FORMAT_VERSION: u8 = 1;
 
@@ -32,7 +84,7 @@ pub struct TileEntry {
     /// XXH3 hashes of the event ids applied.
     pub ids: HashSet<u64, RandomState>,
     /// Highest sequence number applied (0: none).
-    pub guard: u128,
+    pub guard: Seq,
     /// Changed since the last flush.
     pub dirty: bool,
 }
@@ -234,7 +286,7 @@ impl Tiler {
     pub fn insert_loaded(
         &mut self,
         key: TileKey,
-        stored: Option<(Vec<AggState>, HashSet<u64, RandomState>, u128)>,
+        stored: Option<(Vec<AggState>, HashSet<u64, RandomState>, Seq)>,
     ) {
         let entry = match stored {
             Some((states, ids, guard)) => TileEntry {
@@ -246,7 +298,7 @@ impl Tiler {
             None => TileEntry {
                 states: empty_states(&self.aggs),
                 ids: HashSet::default(),
-                guard: 0,
+                guard: Seq::default(),
                 dirty: false,
             },
         };
@@ -259,7 +311,7 @@ impl Tiler {
 
     /// Applies one record (its tile must be loaded, see [`Tiler::is_loaded`]; an unloaded tile
     /// starts empty).
-    pub fn apply(&mut self, key: &RowKey<'_>, row: &[Value], seq: u128) -> Applied {
+    pub fn apply(&mut self, key: &RowKey<'_>, row: &[Value], seq: Seq) -> Applied {
         let (t, id) = (key.time, key.id.as_ref());
         if is_late(t, self.watermark(), self.allowed_lateness) {
             return Applied::Late;
@@ -277,7 +329,7 @@ impl Tiler {
                     TileEntry {
                         states: empty_states(aggs),
                         ids: HashSet::default(),
-                        guard: 0,
+                        guard: Seq::default(),
                         dirty: false,
                     },
                 ));
@@ -304,7 +356,7 @@ impl Tiler {
     }
 
     /// The changed tiles as (key, payload, guard), marked clean.
-    pub fn take_dirty(&mut self) -> Vec<(TileKey, Vec<u8>, u128)> {
+    pub fn take_dirty(&mut self) -> Vec<(TileKey, Vec<u8>, Seq)> {
         let aggs = &self.aggs;
         let mut out: Vec<_> = self
             .tiles
@@ -352,5 +404,28 @@ impl Tiler {
             .iter()
             .find(|(s, _)| *s == tile)
             .map(|(_, e)| e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Seq;
+
+    #[test]
+    fn sequence_numbers_order_numerically_and_round_trip() {
+        let k = "49680561374606741574544151889783622783685134021740724242";
+        let a = Seq::parse(k).unwrap();
+        assert_eq!(a.to_string(), k);
+        assert!(
+            a < Seq::parse("49680561374606741574544151889783622783685134021740724243").unwrap()
+        );
+        assert!(a > Seq::parse("9680561374606741574544151889783622783685134021740724242").unwrap());
+        assert!(Seq::from(7) < Seq::from(10));
+        assert_eq!(Seq::parse("000123").unwrap(), Seq::from(123));
+        assert_eq!(Seq::parse("0").unwrap(), Seq::default());
+        assert!(Seq::parse("12a").is_none());
+        assert!(a < Seq::MAX);
+        assert_eq!(Seq::MAX.to_string(), "9".repeat(64));
+        assert!(Seq::parse(&"9".repeat(65)).is_none());
     }
 }

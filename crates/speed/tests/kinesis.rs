@@ -1,0 +1,294 @@
+//! The speed layer against the local AWS emulators started by `make test` (kinesis-mock and
+//! DynamoDB Local): a 2-shard stream read into DynamoDB gives the tiles of an independent
+//! computation, also when a shard is split mid-stream (the children are read after the parent).
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
+use lambda_core::agg::{empty_states, encode_states, update_all};
+use lambda_core::decode::EventDecoder;
+use lambda_core::time::tile_start;
+use lambda_core::{FeatureView, Value};
+use lambda_gen::{GenConfig, generate};
+use lambda_speed::consumer::{ConsumerConfig, Metrics, run_all};
+use lambda_speed::kinesis::{KinesisConfig, KinesisSource};
+use lambda_speed::source::Source;
+use lambda_speed::tiler::decode_tile;
+use lambda_store::OnlineStore;
+use lambda_store::dynamo::{DynamoConfig, DynamoStore};
+
+const USERS: u32 = 30;
+
+fn endpoint(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run `make test` (it starts the local AWS emulators)")
+    })
+}
+
+fn view() -> FeatureView {
+    FeatureView::load(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fraud/features.toml"),
+    )
+    .unwrap()
+}
+
+/// Generated lines (duplicates, out-of-order, malformed; nothing beyond the allowed lateness, so
+/// per-shard watermarks do not matter).
+fn lines(dir: &Path) -> Vec<Vec<u8>> {
+    let cfg = GenConfig {
+        events: 2_500,
+        days: 1,
+        users: USERS,
+        seed: 21,
+        duplicate_fraction: 0.03,
+        late_fraction: 0.0,
+        malformed_fraction: 0.005,
+        ..GenConfig::default()
+    };
+    generate(&cfg, dir, |_| {}).unwrap();
+    std::fs::read(dir.join("stream/events.jsonl"))
+        .unwrap()
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+async fn wait_active(source: &KinesisSource, stream: &str) {
+    for _ in 0..100 {
+        let s = source
+            .client()
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .unwrap();
+        if s.stream_description_summary().map(|d| d.stream_status()) == Some(&StreamStatus::Active)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("stream {stream} never became active");
+}
+
+/// Puts records with the user id as partition key (so an entity stays on one shard).
+async fn put(source: &KinesisSource, stream: &str, lines: &[Vec<u8>]) {
+    for chunk in lines.chunks(250) {
+        let entries: Vec<PutRecordsRequestEntry> = chunk
+            .iter()
+            .map(|l| {
+                let text = String::from_utf8_lossy(l);
+                let key = text
+                    .split("\"user_id\":\"")
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .unwrap_or("malformed")
+                    .to_string();
+                PutRecordsRequestEntry::builder()
+                    .data(Blob::new(l.clone()))
+                    .partition_key(key)
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let out = source
+            .client()
+            .put_records()
+            .stream_name(stream)
+            .set_records(Some(entries))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(out.failed_record_count(), Some(0));
+    }
+}
+
+fn expected(v: &FeatureView, lines: &[Vec<u8>]) -> HashMap<(String, i64), Vec<u8>> {
+    let aggs = v.aggs();
+    let dec = EventDecoder::new(&v.source);
+    let (mut want, mut seen) = (HashMap::new(), HashSet::new());
+    for l in lines {
+        let Ok(row) = dec.decode(l) else { continue };
+        let (Value::Str(e), Value::Timestamp(t), Value::Str(id)) = (&row[1], &row[7], &row[0])
+        else {
+            panic!()
+        };
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        let s = want
+            .entry((e.clone(), tile_start(*t, v.speed.tile)))
+            .or_insert_with(|| empty_states(&aggs));
+        update_all(&aggs, s, &row, *t, id);
+    }
+    want.into_iter()
+        .map(|(k, s)| (k, encode_states(&aggs, &s)))
+        .collect()
+}
+
+/// Every tile item in the table merged per (entity, tile) across shards, and the shards seen.
+async fn stored(
+    store: &dyn OnlineStore,
+    v: &FeatureView,
+) -> (HashMap<(String, i64), Vec<u8>>, HashSet<String>) {
+    let aggs = v.aggs();
+    let mut out: HashMap<(String, i64), Vec<lambda_core::AggState>> = HashMap::new();
+    let mut shards = HashSet::new();
+    for u in 0..USERS {
+        let e = format!("u{u:07}");
+        let pk = lambda_store::ItemKey::partition(&v.name, &e);
+        for item in store.query(&pk, "tile#", "tile#~").await.unwrap() {
+            let mut parts = item.key.sk.split('#').skip(1);
+            let start: i64 = parts.next().unwrap().parse().unwrap();
+            shards.insert(parts.next().unwrap().to_string());
+            let (states, _) = decode_tile(&aggs, &item.data).unwrap();
+            match out.get_mut(&(e.clone(), start)) {
+                Some(s) => lambda_core::agg::merge_all(&aggs, s, &states),
+                None => {
+                    out.insert((e.clone(), start), states);
+                }
+            }
+        }
+    }
+    (
+        out.into_iter()
+            .map(|(k, s)| (k, encode_states(&aggs, &s)))
+            .collect(),
+        shards,
+    )
+}
+
+async fn consume(source: KinesisSource, store: Arc<DynamoStore>, dir: &Path) -> Arc<Metrics> {
+    let metrics = Arc::new(Metrics::default());
+    let (_tx, stop) = tokio::sync::watch::channel(false);
+    run_all(
+        Arc::new(view()),
+        Arc::new(source),
+        store,
+        Arc::new(ConsumerConfig {
+            exit_at_end: true,
+            batch_size: 400,
+            tile_ttl_ms: 3650 * lambda_core::time::DAY_MS,
+            dead_letter_dir: dir.join("dead"),
+            late_dir: dir.join("late"),
+            flush_interval: Duration::from_millis(50),
+            ..ConsumerConfig::default()
+        }),
+        metrics.clone(),
+        stop,
+    )
+    .await
+    .unwrap();
+    metrics
+}
+
+async fn setup(name: &str, shards: i32) -> (KinesisSource, Arc<DynamoStore>) {
+    let stream = format!("{name}-{}", std::process::id());
+    let source = KinesisSource::connect(&KinesisConfig {
+        stream: stream.clone(),
+        region: "us-east-1".into(),
+        endpoint: Some(endpoint("LAMBDA_TEST_KINESIS_ENDPOINT")),
+        static_credentials: Some(("test".into(), "test".into())),
+    })
+    .await;
+    source
+        .client()
+        .create_stream()
+        .stream_name(&stream)
+        .shard_count(shards)
+        .send()
+        .await
+        .unwrap();
+    wait_active(&source, &stream).await;
+    let mut cfg = DynamoConfig::new(format!("lambda-speed-{stream}"), "us-east-1");
+    cfg.endpoint = Some(endpoint("LAMBDA_TEST_DYNAMODB_ENDPOINT"));
+    cfg.static_credentials = Some(("test".into(), "test".into()));
+    let store = DynamoStore::connect(cfg).await;
+    store.create_table().await.unwrap();
+    (source, Arc::new(store))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_to_dynamodb_tiles_match_an_independent_computation() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = lines(dir.path());
+    let (source, store) = setup("lambda-speed-basic", 2).await;
+    let stream = source.name().trim_start_matches("kinesis:").to_string();
+    put(&source, &stream, &lines).await;
+    let m = consume(source, store.clone(), dir.path()).await;
+    let v = view();
+    let (got, shards) = stored(store.as_ref(), &v).await;
+    assert_eq!(shards.len(), 2, "{shards:?}");
+    let want = expected(&v, &lines);
+    assert_eq!(got.len(), want.len());
+    for (k, w) in &want {
+        assert_eq!(got.get(k), Some(w), "{k:?}");
+    }
+    let dead = m.dead_lettered.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(dead > 0, "malformed records are dead-lettered");
+    // A second run resumes from the checkpoints: nothing is applied twice.
+    let (source2, _) = (
+        KinesisSource::connect(&KinesisConfig {
+            stream: stream.clone(),
+            region: "us-east-1".into(),
+            endpoint: Some(endpoint("LAMBDA_TEST_KINESIS_ENDPOINT")),
+            static_credentials: Some(("test".into(), "test".into())),
+        })
+        .await,
+        (),
+    );
+    let m2 = consume(source2, store.clone(), dir.path()).await;
+    assert_eq!(m2.records_in.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(stored(store.as_ref(), &v).await.0, got);
+    store.delete_table().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_split_mid_stream_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = lines(dir.path());
+    let (source, store) = setup("lambda-speed-split", 1).await;
+    let stream = source.name().trim_start_matches("kinesis:").to_string();
+    let (first, second) = lines.split_at(lines.len() / 2);
+    put(&source, &stream, first).await;
+    let parent = source.shards().await.unwrap()[0].id.clone();
+    source
+        .client()
+        .split_shard()
+        .stream_name(&stream)
+        .shard_to_split(&parent)
+        .new_starting_hash_key("170141183460469231731687303715884105728")
+        .send()
+        .await
+        .unwrap();
+    wait_active(&source, &stream).await;
+    put(&source, &stream, second).await;
+    let shards = source.shards().await.unwrap();
+    assert_eq!(shards.len(), 3, "{shards:?}");
+    assert!(
+        shards
+            .iter()
+            .filter(|s| s.parents == vec![parent.clone()])
+            .count()
+            == 2
+    );
+    consume(source, store.clone(), dir.path()).await;
+    let v = view();
+    let (got, seen) = stored(store.as_ref(), &v).await;
+    assert_eq!(
+        seen.len(),
+        3,
+        "parent and both children hold tiles: {seen:?}"
+    );
+    let want = expected(&v, &lines);
+    assert_eq!(got.len(), want.len());
+    for (k, w) in &want {
+        assert_eq!(got.get(k), Some(w), "{k:?}");
+    }
+    store.delete_table().await.unwrap();
+}
