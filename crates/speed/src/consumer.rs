@@ -574,3 +574,218 @@ fn anyhow_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// How a consumer shares a stream's shards with other processes.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// This worker's id (unique per process, e.g. `host:pid`).
+    pub worker: String,
+    /// Lease length: a dead worker's shards are taken over this long after its last renewal.
+    pub lease_ms: i64,
+    /// How often leases are renewed and shards rebalanced (well under `lease_ms`).
+    pub every: Duration,
+}
+
+struct Held {
+    lease: lambda_store::lease::Lease,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<Result<bool, SpeedError>>>,
+}
+
+impl Held {
+    async fn join(&mut self) -> Option<Result<Result<bool, SpeedError>, tokio::task::JoinError>> {
+        match self.task.take() {
+            Some(t) => Some(t.await),
+            None => None,
+        }
+    }
+}
+
+/// If the coordinator itself goes away (its task aborted, the process dying), its shards stop
+/// with it, without a flush: exactly like a crash, which the checkpoints make harmless.
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+/// Runs this worker's share of `source`'s shards, coordinated through leases in `leases`
+/// (KCL-style): each worker heartbeats, takes free or expired shard leases up to its fair share
+/// (shards ÷ live workers, rounded up), renews them, hands one back when it holds more than its
+/// share (so a new worker gets shards), and stops a shard at once if its lease was lost. A shard
+/// from a reshard is taken only after its parents are finished. On `stop` every shard is flushed
+/// and checkpointed and its lease released. Returns the first shard error.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_leased(
+    view: Arc<FeatureView>,
+    source: Arc<dyn Source>,
+    store: Arc<dyn OnlineStore>,
+    leases: Arc<dyn OnlineStore>,
+    config: Arc<ConsumerConfig>,
+    metrics: Arc<Metrics>,
+    lc: LeaseConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), SpeedError> {
+    use lambda_store::SystemClock;
+    use lambda_store::lease::{release, renew, try_acquire};
+    let scope = format!("{}#{}", view.name, source.name());
+    let lease_key = |shard: &str| ItemKey::new(format!("lease#{scope}"), shard);
+    let worker_key = ItemKey::new(format!("workers#{scope}"), lc.worker.clone());
+    let clock = SystemClock;
+    let mut held: std::collections::HashMap<String, Held> = Default::default();
+    let mut finished: std::collections::HashSet<String> = Default::default();
+    let mut first: Option<SpeedError> = None;
+    loop {
+        // Heartbeat, then count the live workers.
+        let hb = Item {
+            key: worker_key.clone(),
+            data: lc.worker.as_bytes().to_vec(),
+            guard: None,
+            expires_at: Some((now_ms() + lc.lease_ms).div_euclid(SECOND_MS) + 1),
+        };
+        leases.put(&hb, Condition::Always).await?;
+        let workers = leases.query(&worker_key.pk, "", "~").await?.len().max(1);
+        // Reap shards whose task ended.
+        let ended: Vec<String> = held
+            .iter()
+            .filter(|(_, h)| h.task.as_ref().is_none_or(|t| t.is_finished()))
+            .map(|(s, _)| s.clone())
+            .collect();
+        for shard in ended {
+            let Some(mut h) = held.remove(&shard) else {
+                continue;
+            };
+            match h.join().await {
+                None => {}
+                Some(Ok(Ok(true))) => {
+                    finished.insert(shard.clone());
+                }
+                Some(Ok(Ok(false))) => {}
+                Some(Ok(Err(e))) => {
+                    tracing::error!(%shard, error = %anyhow_chain(&e), "A shard stopped with an error.");
+                    first.get_or_insert(e);
+                }
+                Some(Err(e)) => {
+                    tracing::error!(%shard, error = %e, "A shard task panicked (a bug).")
+                }
+            }
+            release(leases.as_ref(), &clock, &h.lease).await?;
+        }
+        // Renew; a lost lease stops its shard at once (another worker owns it now).
+        let mut lost = Vec::new();
+        for (shard, h) in held.iter_mut() {
+            if !renew(leases.as_ref(), &clock, &mut h.lease, lc.lease_ms).await? {
+                tracing::warn!(%shard, worker = %lc.worker, "Lease lost; stopping the shard.");
+                let _ = h.stop.send(true);
+                lost.push(shard.clone());
+            }
+        }
+        for shard in lost {
+            if let Some(mut h) = held.remove(&shard) {
+                let _ = h.join().await;
+            }
+        }
+        if *stop.borrow() {
+            break;
+        }
+        // Which shards may be read: not finished, parents finished.
+        let shards = source.shards().await?;
+        let ids: std::collections::HashSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
+        let keys: Vec<ItemKey> = shards
+            .iter()
+            .map(|s| checkpoint_key(&view.name, &source.name(), &s.id))
+            .collect();
+        for (s, cp) in shards.iter().zip(store.batch_get(&keys).await?) {
+            if let Some(cp) = cp
+                && serde_json::from_slice::<Checkpoint>(&cp.data).is_ok_and(|c| c.finished)
+            {
+                finished.insert(s.id.clone());
+            }
+        }
+        let open: Vec<&ShardInfo> = shards
+            .iter()
+            .filter(|s| !finished.contains(&s.id))
+            .collect();
+        let fair = open.len().div_ceil(workers);
+        // Hand one back when over the fair share (a new worker joined).
+        if held.len() > fair
+            && let Some(shard) = held.keys().next().cloned()
+            && let Some(mut h) = held.remove(&shard)
+        {
+            tracing::info!(%shard, worker = %lc.worker, held = held.len() + 1, fair, "Handing a shard over.");
+            let _ = h.stop.send(true);
+            let _ = h.join().await;
+            release(leases.as_ref(), &clock, &h.lease).await?;
+        }
+        for s in open {
+            if held.len() >= fair {
+                break;
+            }
+            if held.contains_key(&s.id)
+                || !s
+                    .parents
+                    .iter()
+                    .all(|p| finished.contains(p) || !ids.contains(p.as_str()))
+            {
+                continue;
+            }
+            let Some(lease) = try_acquire(
+                leases.as_ref(),
+                &clock,
+                lease_key(&s.id),
+                &lc.worker,
+                lc.lease_ms,
+            )
+            .await?
+            else {
+                continue;
+            };
+            tracing::info!(shard = %s.id, worker = %lc.worker, "Took the shard's lease.");
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            let (view, source, store, config, metrics, shard) = (
+                view.clone(),
+                source.clone(),
+                store.clone(),
+                config.clone(),
+                metrics.clone(),
+                s.id.clone(),
+            );
+            let task = tokio::spawn(async move {
+                Shard {
+                    view: &view,
+                    source: source.as_ref(),
+                    shard,
+                    store: store.as_ref(),
+                    config: &config,
+                    metrics: &metrics,
+                }
+                .run(rx)
+                .await
+            });
+            held.insert(
+                s.id.clone(),
+                Held {
+                    lease,
+                    stop: tx,
+                    task: Some(task),
+                },
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(lc.every) => {}
+            _ = stop.changed() => {}
+        }
+    }
+    // Clean shutdown: flush and checkpoint every shard, give the leases back, leave.
+    for (_, mut h) in held.drain() {
+        let _ = h.stop.send(true);
+        if let Some(Ok(Err(e))) = h.join().await {
+            first.get_or_insert(e);
+        }
+        release(leases.as_ref(), &clock, &h.lease).await?;
+    }
+    leases.delete(&worker_key).await?;
+    first.map_or(Ok(()), Err)
+}

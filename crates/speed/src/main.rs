@@ -88,6 +88,17 @@ struct RunArgs {
     /// Exit once every shard is read to its end (replays of finite files, demos, tests).
     #[arg(long)]
     exit_at_end: bool,
+    /// Share the shards with other `lambda-speed` processes through leases in this store (a
+    /// redb path or `dynamodb://TABLE`, the template's lease table). Without it, this process
+    /// reads every shard.
+    #[arg(long, conflicts_with = "exit_at_end")]
+    leases: Option<String>,
+    /// Lease length: a dead process's shards are taken over this long after its last renewal.
+    #[arg(long, default_value = "10s")]
+    lease_ttl: Span,
+    /// This process's name in the lease table (default: host:pid).
+    #[arg(long)]
+    worker_id: Option<String>,
     /// Seconds between progress/metrics log lines.
     #[arg(long, default_value_t = 10)]
     report_every: u64,
@@ -219,7 +230,35 @@ fn run_consumer(args: RunArgs) -> anyhow::Result<ExitCode> {
                 tracing::info!("{}", report(&m, started));
             }
         });
-        let result = run_all(view, source, store, config, metrics.clone(), stop_rx).await;
+        let result = match &args.leases {
+            None => run_all(view, source, store, config, metrics.clone(), stop_rx).await,
+            Some(text) => {
+                let leases = open_store(text, &args.region, args.endpoint.as_deref()).await?;
+                let worker = args.worker_id.clone().unwrap_or_else(|| {
+                    let host = std::env::var("HOSTNAME")
+                        .ok()
+                        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                        .unwrap_or_else(|| "host".into());
+                    format!("{}:{}", host.trim(), std::process::id())
+                });
+                let lease_ms = args.lease_ttl.millis().max(1_000);
+                lambda_speed::consumer::run_leased(
+                    view,
+                    source,
+                    store,
+                    leases,
+                    config,
+                    metrics.clone(),
+                    lambda_speed::consumer::LeaseConfig {
+                        worker,
+                        lease_ms,
+                        every: Duration::from_millis((lease_ms / 4) as u64),
+                    },
+                    stop_rx,
+                )
+                .await
+            }
+        };
         reporter.abort();
         eprintln!("lambda-speed: {}", report(&metrics, started));
         result.context("consuming the stream")?;

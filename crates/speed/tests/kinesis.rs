@@ -292,3 +292,105 @@ async fn a_shard_split_mid_stream_loses_and_doubles_nothing() {
     }
     store.delete_table().await.unwrap();
 }
+
+/// Two consumers on a 4-shard stream split the shards through leases; when one dies (its task
+/// aborted: no flush, no release) the other takes its shards over after the lease expires, and
+/// the tiles still equal the independent computation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_split_the_shards_and_one_takes_over() {
+    use lambda_speed::consumer::{LeaseConfig, run_leased};
+    let dir = tempfile::tempdir().unwrap();
+    let lines = lines(dir.path());
+    let (source, store) = setup("lambda-speed-leases", 4).await;
+    let stream = source.name().trim_start_matches("kinesis:").to_string();
+    let (first, second) = lines.split_at(lines.len() / 2);
+    put(&source, &stream, first).await;
+    let producer = source.clone();
+    let source: Arc<dyn Source> = Arc::new(source);
+    let config = Arc::new(ConsumerConfig {
+        batch_size: 300,
+        tile_ttl_ms: 3650 * lambda_core::time::DAY_MS,
+        dead_letter_dir: dir.path().join("dead"),
+        late_dir: dir.path().join("late"),
+        flush_interval: Duration::from_millis(50),
+        poll_interval: Duration::from_millis(100),
+        ..ConsumerConfig::default()
+    });
+    let worker = |name: &str| {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(run_leased(
+            Arc::new(view()),
+            source.clone(),
+            store.clone(),
+            store.clone(),
+            config.clone(),
+            Arc::new(Metrics::default()),
+            LeaseConfig {
+                worker: name.to_string(),
+                lease_ms: 3_000,
+                every: Duration::from_millis(300),
+            },
+            rx,
+        ));
+        (tx, task)
+    };
+    let holders = || async {
+        let mut out = HashMap::new();
+        for s in source.shards().await.unwrap() {
+            let key = lambda_store::ItemKey::new(
+                format!("lease#fraud_user#{}", source.name()),
+                s.id.clone(),
+            );
+            if let Some((owner, _)) = lambda_store::lease::holder(store.as_ref(), &key)
+                .await
+                .unwrap()
+            {
+                *out.entry(owner).or_insert(0) += 1;
+            }
+        }
+        out
+    };
+    let (_stop_a, a) = worker("worker-a");
+    let (stop_b, b) = worker("worker-b");
+    let mut split = HashMap::new();
+    for _ in 0..100 {
+        split = holders().await;
+        if split.get("worker-a") == Some(&2) && split.get("worker-b") == Some(&2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if a.is_finished() || b.is_finished() {
+        panic!("a worker stopped: {:?} {:?}", a.await, b.await);
+    }
+    assert_eq!(split.get("worker-a"), Some(&2), "{split:?}");
+    assert_eq!(split.get("worker-b"), Some(&2), "{split:?}");
+    // Worker A dies.
+    a.abort();
+    let _ = a.await;
+    put(&producer, &stream, second).await;
+    let v = view();
+    let want = expected(&v, &lines);
+    let mut got = HashMap::new();
+    for _ in 0..300 {
+        got = stored(store.as_ref(), &v).await.0;
+        if got == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        holders().await.get("worker-b"),
+        Some(&4),
+        "B took every shard"
+    );
+    assert_eq!(got.len(), want.len());
+    for (k, w) in &want {
+        assert_eq!(got.get(k), Some(w), "{k:?}");
+    }
+    // B stops cleanly: leases given back.
+    stop_b.send(true).unwrap();
+    b.await.unwrap().unwrap();
+    assert!(holders().await.is_empty());
+    store.delete_table().await.unwrap();
+}

@@ -495,14 +495,20 @@ impl OnlineStore for DynamoStore {
         }
         let mut start: Option<HashMap<String, AttributeValue>> = None;
         loop {
-            let page = self
+            // DynamoDB refuses an empty key value: an empty lower bound is "from the start".
+            let mut req = self
                 .client
                 .query()
                 .table_name(&self.cfg.table)
-                .key_condition_expression("pk = :pk AND sk BETWEEN :a AND :b")
                 .expression_attribute_values(":pk", AttributeValue::S(pk.to_string()))
-                .expression_attribute_values(":a", AttributeValue::S(sk_from.to_string()))
-                .expression_attribute_values(":b", AttributeValue::S(sk_to.to_string()))
+                .expression_attribute_values(":b", AttributeValue::S(sk_to.to_string()));
+            req = if sk_from.is_empty() {
+                req.key_condition_expression("pk = :pk AND sk <= :b")
+            } else {
+                req.key_condition_expression("pk = :pk AND sk BETWEEN :a AND :b")
+                    .expression_attribute_values(":a", AttributeValue::S(sk_from.to_string()))
+            };
+            let page = req
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await

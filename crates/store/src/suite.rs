@@ -66,6 +66,11 @@ async fn put_each(s: &dyn OnlineStore, p: &str) {
     );
     assert_eq!(s.get(&items[2].key).await.unwrap(), Some(items[2].clone()));
     assert_eq!(s.query(&pk, "tile#", "tile#~").await.unwrap().len(), 63);
+    assert_eq!(
+        s.query(&pk, "", "~").await.unwrap().len(),
+        63,
+        "empty lower bound"
+    );
     // Replaying the same writes: each fails its condition, nothing changes.
     let again = s.put_each(&many[1..], Condition::GuardAdvances).await;
     assert!(
