@@ -30,7 +30,7 @@ enum Command {
     ///
     /// Example (embedded default): lambda-speed run --view examples/fraud/features.toml
     ///   --source data/demo/stream/events.jsonl --store data/demo/online.redb --exit-at-end
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the live tiles the store holds for some entities.
     Show {
         /// The feature definition (TOML).
@@ -122,7 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Run(args) => run_consumer(args),
+        Command::Run(args) => run_consumer(*args),
         Command::Show {
             view,
             store,
