@@ -123,6 +123,47 @@ pub struct Metrics {
     pub event_lag_ms: AtomicI64,
     /// How far behind the stream's head the last read was (Kinesis `MillisBehindLatest`).
     pub millis_behind: AtomicI64,
+    /// Freshness samples: (ms from a read to its tiles being acknowledged, records of that read);
+    /// the most recent 50 000 reads.
+    pub freshness: std::sync::Mutex<std::collections::VecDeque<(u32, u32)>>,
+}
+
+impl Metrics {
+    fn record_freshness(&self, ms: u64, records: usize) {
+        let mut f = self
+            .freshness
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if f.len() == 50_000 {
+            f.pop_front();
+        }
+        f.push_back((ms.min(u64::from(u32::MAX)) as u32, records as u32));
+    }
+
+    /// Record-weighted freshness percentile `q` (0–100) in ms, over the recent reads.
+    pub fn freshness_percentile(&self, q: f64) -> Option<u32> {
+        let mut v: Vec<(u32, u32)> = self
+            .freshness
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect();
+        let total: u64 = v.iter().map(|x| u64::from(x.1)).sum();
+        if total == 0 {
+            return None;
+        }
+        v.sort_unstable();
+        let target = ((q / 100.0) * total as f64).ceil().max(1.0) as u64;
+        let mut acc = 0u64;
+        for (ms, n) in v {
+            acc += u64::from(n);
+            if acc >= target {
+                return Some(ms);
+            }
+        }
+        None
+    }
 }
 
 /// A shard's checkpoint: where to resume and the highest event time applied before it.
@@ -218,6 +259,7 @@ impl Shard<'_> {
         let mut position = cp.position.clone();
         let mut last_seq = Seq::default();
         let mut oldest_unflushed: Option<Instant> = None;
+        let mut reads: Vec<(Instant, usize)> = Vec::new();
         let mut last_flush = Instant::now();
         loop {
             let stopping = *stop.borrow();
@@ -231,6 +273,7 @@ impl Shard<'_> {
             }
             if !batch.records.is_empty() {
                 oldest_unflushed.get_or_insert_with(Instant::now);
+                reads.push((Instant::now(), batch.records.len()));
                 m.records_in
                     .fetch_add(batch.records.len() as u64, Ordering::Relaxed);
                 self.apply(&batch.records, &decoder, &mut tiler, &mut dead, &mut late)
@@ -267,6 +310,9 @@ impl Shard<'_> {
                 let took = started.elapsed().as_millis() as u64;
                 m.flushes.fetch_add(1, Ordering::Relaxed);
                 m.flush_ms_max.fetch_max(took, Ordering::Relaxed);
+                for (t, n) in reads.drain(..) {
+                    m.record_freshness(t.elapsed().as_millis() as u64, n);
+                }
                 if let Some(t) = oldest_unflushed.take() {
                     let fresh = t.elapsed().as_millis() as u64;
                     m.freshness_ms_last.store(fresh, Ordering::Relaxed);

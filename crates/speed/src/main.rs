@@ -155,7 +155,7 @@ fn report(m: &Metrics, started: std::time::Instant) -> String {
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let n = get(&m.records_in);
     format!(
-        "{n} records ({:.0}/s): {} applied, {} duplicates, {} replayed, {} late, {} dead-lettered; {} flushes, {} tiles written, freshness last {} ms / max {} ms",
+        "{n} records ({:.0}/s): {} applied, {} duplicates, {} replayed, {} late, {} dead-lettered; {} flushes, {} tiles written, {} store retries; freshness p50 {} ms, p99 {} ms, max {} ms; event-time lag {} s; behind the stream head {} ms",
         n as f64 / started.elapsed().as_secs_f64().max(1e-9),
         get(&m.applied),
         get(&m.duplicates),
@@ -164,8 +164,12 @@ fn report(m: &Metrics, started: std::time::Instant) -> String {
         get(&m.dead_lettered),
         get(&m.flushes),
         get(&m.items_written),
-        get(&m.freshness_ms_last),
+        get(&m.store_retries),
+        m.freshness_percentile(50.0).unwrap_or(0),
+        m.freshness_percentile(99.0).unwrap_or(0),
         get(&m.freshness_ms_max),
+        m.event_lag_ms.load(Ordering::Relaxed) / 1000,
+        m.millis_behind.load(Ordering::Relaxed),
     )
 }
 

@@ -394,3 +394,48 @@ async fn two_consumers_split_the_shards_and_one_takes_over() {
     assert!(holders().await.is_empty());
     store.delete_table().await.unwrap();
 }
+
+/// A throttled table (DynamoDB Local behind the fault-injecting proxy: the first 300 PutItem
+/// requests, then every third, are throttled beyond the SDK's retries) slows the consumer down
+/// but loses nothing: the tiles equal the independent computation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_table_loses_nothing() {
+    use lambda_store::chaos::{Action, FaultProxy};
+    let dir = tempfile::tempdir().unwrap();
+    let lines = lines(dir.path());
+    let (source, direct) = setup("lambda-speed-throttle", 2).await;
+    let stream = source.name().trim_start_matches("kinesis:").to_string();
+    put(&source, &stream, &lines).await;
+    let proxy = FaultProxy::start(
+        &endpoint("LAMBDA_TEST_DYNAMODB_ENDPOINT"),
+        Arc::new(|op: &str, n: u64| match op {
+            "PutItem" if n < 300 || n.is_multiple_of(3) => Action::Throttle,
+            _ => Action::Forward,
+        }),
+    )
+    .await
+    .unwrap();
+    let mut cfg = DynamoConfig::new(format!("lambda-speed-{stream}"), "us-east-1");
+    cfg.endpoint = Some(proxy.endpoint.clone());
+    cfg.static_credentials = Some(("test".into(), "test".into()));
+    cfg.base_backoff = Duration::from_millis(2);
+    cfg.max_attempts = 2;
+    let throttled = Arc::new(DynamoStore::connect(cfg).await);
+    let m = consume(source, throttled, dir.path()).await;
+    assert!(
+        proxy
+            .counters
+            .throttled
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 300
+    );
+    assert!(m.store_retries.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    let v = view();
+    let (got, _) = stored(direct.as_ref(), &v).await;
+    let want = expected(&v, &lines);
+    assert_eq!(got.len(), want.len());
+    for (k, w) in &want {
+        assert_eq!(got.get(k), Some(w), "{k:?}");
+    }
+    direct.delete_table().await.unwrap();
+}
