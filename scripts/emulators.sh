@@ -65,7 +65,7 @@ up() {
 
   local kdir="$EMU_HOME/node_modules/kinesis-local"
   KINESIS_MOCK_CERT_PATH="$kdir/server.json" KINESIS_MOCK_PLAIN_PORT="$kin_port" KINESIS_MOCK_TLS_PORT="$kin_tls" \
-    CREATE_STREAM_DURATION=50ms DELETE_STREAM_DURATION=50ms UPDATE_SHARD_COUNT_DURATION=50ms \
+    SHARD_LIMIT=1000 CREATE_STREAM_DURATION=50ms DELETE_STREAM_DURATION=50ms UPDATE_SHARD_COUNT_DURATION=50ms \
     LOG_LEVEL=WARN node "$kdir/main.js" >"$STATE/kinesis.log" 2>&1 &
   echo $! > "$STATE/kinesis.pid"
 

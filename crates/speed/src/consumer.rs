@@ -243,7 +243,7 @@ impl Shard<'_> {
         let view = self.view;
         let m = self.metrics;
         let cp_key = checkpoint_key(&view.name, &self.source.name(), &self.shard);
-        let (cp, mut cp_guard) = load_checkpoint(self.store, &cp_key).await?;
+        let (cp, mut cp_guard) = self.retry(|| load_checkpoint(self.store, &cp_key)).await?;
         if cp.finished {
             return Ok(true);
         }
@@ -298,7 +298,10 @@ impl Shard<'_> {
                         guard: Some(guard_of(last_seq)),
                         expires_at: None,
                     };
-                    match self.store.put(&item, Condition::GuardAdvances).await {
+                    match self
+                        .retry(|| self.store.put(&item, Condition::GuardAdvances))
+                        .await
+                    {
                         Ok(()) => cp_guard = last_seq,
                         Err(StoreError::ConditionFailed { .. }) => {
                             return Err(SpeedError::TakenOver(self.shard.clone()));
@@ -340,7 +343,10 @@ impl Shard<'_> {
                     guard: Some(guard_of(Seq::MAX)),
                     expires_at: None,
                 };
-                match self.store.put(&done, Condition::GuardAdvances).await {
+                match self
+                    .retry(|| self.store.put(&done, Condition::GuardAdvances))
+                    .await
+                {
                     Ok(()) | Err(StoreError::ConditionFailed { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
@@ -455,8 +461,11 @@ impl Shard<'_> {
         loop {
             match call().await {
                 Ok(v) => return Ok(v),
-                Err(e @ StoreError::ConditionFailed { .. })
-                | Err(e @ StoreError::InvalidInput(_)) => {
+                Err(
+                    e @ (StoreError::ConditionFailed { .. }
+                    | StoreError::InvalidInput(_)
+                    | StoreError::Corrupt { .. }),
+                ) => {
                     return Err(e);
                 }
                 Err(e) => {

@@ -246,6 +246,7 @@ async fn kinesis_to_dynamodb_tiles_match_an_independent_computation() {
     assert_eq!(m2.records_in.load(std::sync::atomic::Ordering::Relaxed), 0);
     assert_eq!(stored(store.as_ref(), &v).await.0, got);
     store.delete_table().await.unwrap();
+    drop_stream(&stream).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,6 +292,7 @@ async fn a_shard_split_mid_stream_loses_and_doubles_nothing() {
         assert_eq!(got.get(k), Some(w), "{k:?}");
     }
     store.delete_table().await.unwrap();
+    drop_stream(&stream).await;
 }
 
 /// Two consumers on a 4-shard stream split the shards through leases; when one dies (its task
@@ -393,6 +395,7 @@ async fn two_consumers_split_the_shards_and_one_takes_over() {
     b.await.unwrap().unwrap();
     assert!(holders().await.is_empty());
     store.delete_table().await.unwrap();
+    drop_stream(&stream).await;
 }
 
 /// A throttled table (DynamoDB Local behind the fault-injecting proxy: the first 300 PutItem
@@ -438,4 +441,21 @@ async fn a_throttled_table_loses_nothing() {
         assert_eq!(got.get(k), Some(w), "{k:?}");
     }
     direct.delete_table().await.unwrap();
+    drop_stream(&stream).await;
+}
+
+async fn drop_stream(stream: &str) {
+    let s = KinesisSource::connect(&KinesisConfig {
+        stream: stream.to_string(),
+        region: "us-east-1".into(),
+        endpoint: Some(endpoint("LAMBDA_TEST_KINESIS_ENDPOINT")),
+        static_credentials: Some(("test".into(), "test".into())),
+    })
+    .await;
+    s.client()
+        .delete_stream()
+        .stream_name(stream)
+        .send()
+        .await
+        .unwrap();
 }
