@@ -285,3 +285,55 @@ async fn kill_9_and_restart_end_in_the_uninterrupted_result() {
         "the schedule must actually kill ({total_kills})"
     );
 }
+
+/// SIGTERM: the consumer stops reading, flushes, checkpoints the end of what it read, and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_checkpoints_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = stream(dir.path(), 3);
+    let path = dir.path().join("s.redb");
+    let cmd = consumer(&file, &path, dir.path());
+    let args: Vec<_> = cmd
+        .get_args()
+        .filter(|a| *a != "--exit-at-end")
+        .map(|a| a.to_owned())
+        .collect();
+    let mut follow = std::process::Command::new(cmd.get_program());
+    follow
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = follow.spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(child.try_wait().unwrap().is_none(), "it follows the file");
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = status.expect("exits within 5 s of SIGTERM");
+    assert!(status.success(), "{status}");
+    let store = EmbeddedStore::open(&path).unwrap();
+    let source = FileSource::new(&file);
+    let key = lambda_speed::consumer::checkpoint_key(
+        "fraud_user",
+        &lambda_speed::source::Source::name(&source),
+        file.file_name().unwrap().to_str().unwrap(),
+    );
+    let (cp, _) = lambda_speed::consumer::load_checkpoint(&store, &key)
+        .await
+        .unwrap();
+    assert_eq!(
+        cp.position,
+        Some(std::fs::metadata(&file).unwrap().len().to_string()),
+        "everything read is checkpointed"
+    );
+}
