@@ -459,3 +459,84 @@ async fn drop_stream(stream: &str) {
         .await
         .unwrap();
 }
+
+/// kill -9 of `lambda-speed run --source kinesis://…` at random moments, restarted each time:
+/// DynamoDB ends with exactly the tiles of the independent computation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_on_kinesis_and_dynamodb() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = lines(dir.path());
+    let (source, store) = setup("lambda-speed-kill", 2).await;
+    let stream = source.name().trim_start_matches("kinesis:").to_string();
+    put(&source, &stream, &lines).await;
+    let table = format!("lambda-speed-{stream}");
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lambda-speed"))
+            .arg("run")
+            .arg("--view")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fraud/features.toml"))
+            .arg("--source")
+            .arg(format!("kinesis://{stream}"))
+            .arg("--store")
+            .arg(format!("dynamodb://{table}"))
+            .arg("--dead-letter-dir")
+            .arg(dir.path().join("dead"))
+            .arg("--late-dir")
+            .arg(dir.path().join("late"))
+            .args([
+                "--exit-at-end",
+                "--tile-ttl",
+                "3650d",
+                "--flush-interval",
+                "20ms",
+            ])
+            .args(["--batch-size", "100"])
+            .env(
+                "AWS_ENDPOINT_URL_KINESIS",
+                endpoint("LAMBDA_TEST_KINESIS_ENDPOINT"),
+            )
+            .env(
+                "AWS_ENDPOINT_URL_DYNAMODB",
+                endpoint("LAMBDA_TEST_DYNAMODB_ENDPOINT"),
+            )
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut rng = 0x1234_u64;
+    let mut kills = 0;
+    loop {
+        let mut child = run();
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(300 + (rng >> 33) % 700));
+        match child.try_wait().unwrap() {
+            Some(status) => {
+                assert!(status.success(), "{status}");
+                break;
+            }
+            None => {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                kills += 1;
+            }
+        }
+        assert!(kills < 60, "never finished");
+    }
+    assert!(kills >= 2, "the schedule must actually kill ({kills})");
+    let v = view();
+    let (got, _) = stored(store.as_ref(), &v).await;
+    let want = expected(&v, &lines);
+    assert_eq!(got.len(), want.len(), "{kills} kills");
+    for (k, w) in &want {
+        assert_eq!(got.get(k), Some(w), "{k:?} after {kills} kills");
+    }
+    store.delete_table().await.unwrap();
+    drop_stream(&stream).await;
+}
