@@ -64,6 +64,8 @@ pub struct ConsumerConfig {
     pub tile_ttl_ms: i64,
     /// Conditional writes in flight per shard.
     pub max_in_flight: usize,
+    /// Flush early once this many tiles are in memory (bounds memory while catching up).
+    pub max_open_tiles: usize,
     /// Wait between reads once caught up.
     pub poll_interval: Duration,
     /// Stop each shard once it is caught up (demos, tests, replays of a finite file).
@@ -81,6 +83,7 @@ impl Default for ConsumerConfig {
             batch_size: 10_000,
             tile_ttl_ms: 3 * DAY_MS,
             max_in_flight: 32,
+            max_open_tiles: 100_000,
             poll_interval: Duration::from_millis(200),
             exit_at_end: false,
             dead_letter_dir: "data/dead-letter".into(),
@@ -281,8 +284,10 @@ impl Shard<'_> {
                 last_seq = batch.records.last().map_or(last_seq, |r| r.seq);
                 position = batch.position.clone().or(position);
             }
-            let due =
-                last_flush.elapsed() >= self.config.flush_interval || batch.caught_up || stopping;
+            let due = last_flush.elapsed() >= self.config.flush_interval
+                || batch.caught_up
+                || stopping
+                || tiler.len() >= self.config.max_open_tiles;
             if due && oldest_unflushed.is_some() {
                 let started = Instant::now();
                 self.flush(&mut tiler, &mut dead, &mut late).await?;
