@@ -143,6 +143,104 @@ impl Metrics {
         f.push_back((ms.min(u64::from(u32::MAX)) as u32, records as u32));
     }
 
+    /// The counters in the Prometheus text exposition format (served by `--metrics-addr`).
+    pub fn render(&self, view: &str) -> String {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+            out.push_str(&format!(
+                "# HELP lambda_speed_{name} {help}\n# TYPE lambda_speed_{name} {kind}\nlambda_speed_{name}{{view=\"{view}\"}} {value}\n"
+            ));
+        };
+        metric(
+            "records_total",
+            "counter",
+            "Records read.",
+            get(&self.records_in).to_string(),
+        );
+        metric(
+            "applied_total",
+            "counter",
+            "Events applied to a tile.",
+            get(&self.applied).to_string(),
+        );
+        metric(
+            "duplicates_total",
+            "counter",
+            "Duplicate deliveries skipped.",
+            get(&self.duplicates).to_string(),
+        );
+        metric(
+            "replayed_total",
+            "counter",
+            "Records skipped on replay (already in their tile).",
+            get(&self.replayed).to_string(),
+        );
+        metric(
+            "late_total",
+            "counter",
+            "Late events sent to the late sink.",
+            get(&self.late).to_string(),
+        );
+        metric(
+            "dead_lettered_total",
+            "counter",
+            "Records sent to the dead-letter sink.",
+            get(&self.dead_lettered).to_string(),
+        );
+        metric(
+            "flushes_total",
+            "counter",
+            "Flushes.",
+            get(&self.flushes).to_string(),
+        );
+        metric(
+            "tile_writes_total",
+            "counter",
+            "Tile items written.",
+            get(&self.items_written).to_string(),
+        );
+        metric(
+            "conflicts_total",
+            "counter",
+            "Conditional writes that found a newer tile.",
+            get(&self.conflicts).to_string(),
+        );
+        metric(
+            "store_retries_total",
+            "counter",
+            "Online-store calls retried (throttling, errors).",
+            get(&self.store_retries).to_string(),
+        );
+        metric(
+            "flush_ms_max",
+            "gauge",
+            "Longest flush, ms.",
+            get(&self.flush_ms_max).to_string(),
+        );
+        metric(
+            "event_lag_ms",
+            "gauge",
+            "Wall clock minus the newest event time applied, ms.",
+            self.event_lag_ms.load(Ordering::Relaxed).to_string(),
+        );
+        metric(
+            "millis_behind_latest",
+            "gauge",
+            "How far behind the stream head the last read was, ms.",
+            self.millis_behind.load(Ordering::Relaxed).to_string(),
+        );
+        for (q, name) in [(50.0, "freshness_p50_ms"), (99.0, "freshness_p99_ms")] {
+            metric(
+                name,
+                "gauge",
+                "Read to tile acknowledged, ms (record-weighted, recent reads).",
+                self.freshness_percentile(q).unwrap_or(0).to_string(),
+            );
+        }
+        out
+    }
+
     /// Record-weighted freshness percentile `q` (0–100) in ms, over the recent reads.
     pub fn freshness_percentile(&self, q: f64) -> Option<u32> {
         let mut v: Vec<(u32, u32)> = self

@@ -99,6 +99,9 @@ struct RunArgs {
     /// This process's name in the lease table (default: host:pid).
     #[arg(long)]
     worker_id: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9898).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Seconds between progress/metrics log lines.
     #[arg(long, default_value_t = 10)]
     report_every: u64,
@@ -225,6 +228,26 @@ fn run_consumer(args: RunArgs) -> anyhow::Result<ExitCode> {
             tracing::info!("Stopping: flushing tiles and checkpointing.");
             let _ = stop_tx.send(true);
         });
+        if let Some(addr) = args.metrics_addr {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--metrics-addr {addr}"))?;
+            tracing::info!(%addr, "Serving metrics at /metrics.");
+            let (m, name) = (metrics.clone(), view.name.clone());
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                while let Ok((mut conn, _)) = listener.accept().await {
+                    let mut buf = [0u8; 1024];
+                    let _ = conn.read(&mut buf).await;
+                    let body = m.render(&name);
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(resp.as_bytes()).await;
+                }
+            });
+        }
         let started = std::time::Instant::now();
         let m = metrics.clone();
         let every = Duration::from_secs(args.report_every.max(1));

@@ -303,9 +303,36 @@ async fn sigterm_flushes_checkpoints_and_exits_cleanly() {
         .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    follow
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{port}"));
     let mut child = follow.spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert!(child.try_wait().unwrap().is_none(), "it follows the file");
+    // Prometheus metrics while it runs.
+    let body = {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        s
+    };
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let records: u64 = body
+        .lines()
+        .find(|l| l.starts_with("lambda_speed_records_total{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{body}"));
+    assert!(records > 6_000, "{body}");
+    assert!(body.contains("lambda_speed_freshness_p99_ms{view=\"fraud_user\"}"));
     let ok = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
