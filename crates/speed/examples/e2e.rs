@@ -3,9 +3,13 @@
 //!
 //! Run: `scripts/bench-speed.sh [EVENTS] [SHARDS]` (starts and stops the emulators), or with the
 //! emulators' environment loaded: `cargo run --release -p lambda-speed --example e2e -- 50000 4`.
-//! It fills a stream with generated events first (kinesis-mock is slow to accept them), then
-//! times the consumer draining it with the default 1-second flush: records/s end to end and the
-//! freshness of each read (from reading a record to its tile being acknowledged by DynamoDB).
+//!
+//! * backlog (default): fills a stream with generated events first (kinesis-mock is slow to
+//!   accept them), then times the consumer draining it with the default 1-second flush:
+//!   records/s end to end and the freshness of each read (from reading a record to its tile
+//!   being acknowledged by DynamoDB);
+//! * `live RATE` (third and fourth arguments): the consumer runs while a producer puts RATE
+//!   records/s; freshness is then what serving sees in steady state.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -49,6 +53,8 @@ async fn main() {
         .split(|b| *b == b'\n')
         .filter(|l| !l.is_empty())
         .collect();
+    let live: Option<u64> = (args.get(2).map(String::as_str) == Some("live"))
+        .then(|| args.get(3).and_then(|a| a.parse().ok()).unwrap_or(1_000));
     let stream = format!("bench-{}", std::process::id());
     let source = KinesisSource::connect(&KinesisConfig {
         stream: stream.clone(),
@@ -76,6 +82,9 @@ async fn main() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(rate) = live {
+        return live_run(view, source, &lines, &stream, shards, rate, dir.path()).await;
     }
     let started = Instant::now();
     let mut puts = tokio::task::JoinSet::new();
@@ -157,4 +166,85 @@ async fn main() {
     );
     store.delete_table().await.expect("delete table");
     let _ = k.delete_stream().stream_name(&stream).send().await;
+}
+
+fn entries(chunk: &[&[u8]]) -> Vec<PutRecordsRequestEntry> {
+    chunk
+        .iter()
+        .map(|l| {
+            let t = String::from_utf8_lossy(l);
+            let key = t
+                .split("\"user_id\":\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("x")
+                .to_string();
+            PutRecordsRequestEntry::builder()
+                .data(Blob::new(l.to_vec()))
+                .partition_key(key)
+                .build()
+                .expect("entry")
+        })
+        .collect()
+}
+
+/// The consumer follows the stream while a producer puts `rate` records/s.
+async fn live_run(
+    view: Arc<FeatureView>,
+    source: KinesisSource,
+    lines: &[&[u8]],
+    stream: &str,
+    shards: i32,
+    rate: u64,
+    dir: &std::path::Path,
+) {
+    let k = source.client().clone();
+    let mut dcfg = DynamoConfig::new(format!("bench-{stream}"), "us-east-1");
+    dcfg.endpoint = Some(env("LAMBDA_TEST_DYNAMODB_ENDPOINT"));
+    dcfg.static_credentials = Some(("test".into(), "test".into()));
+    let store = Arc::new(DynamoStore::connect(dcfg).await);
+    store.create_table().await.expect("table");
+    let metrics = Arc::new(Metrics::default());
+    let (tx, stop) = tokio::sync::watch::channel(false);
+    let consumer = tokio::spawn(run_all(
+        view,
+        Arc::new(source),
+        store.clone(),
+        Arc::new(ConsumerConfig {
+            tile_ttl_ms: 3650 * lambda_core::time::DAY_MS,
+            dead_letter_dir: dir.join("dead"),
+            late_dir: dir.join("late"),
+            ..ConsumerConfig::default()
+        }),
+        metrics.clone(),
+        stop,
+    ));
+    // Put `rate` records per second in 10 slices of 100 ms.
+    let per_slice = (rate / 10).max(1) as usize;
+    let t = Instant::now();
+    let mut next = Instant::now();
+    for chunk in lines.chunks(per_slice) {
+        k.put_records()
+            .stream_name(stream)
+            .set_records(Some(entries(chunk)))
+            .send()
+            .await
+            .expect("put");
+        next += Duration::from_millis(100);
+        tokio::time::sleep_until(next.into()).await;
+    }
+    let put_secs = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tx.send(true).expect("stop");
+    consumer.await.expect("join").expect("consume");
+    let n = metrics.records_in.load(Ordering::Relaxed);
+    println!(
+        "live: producer {:.0} records/s for {put_secs:.0} s into {shards} shards; consumer read {n}; freshness p50 {} ms, p99 {} ms, max {} ms",
+        n as f64 / put_secs,
+        metrics.freshness_percentile(50.0).unwrap_or(0),
+        metrics.freshness_percentile(99.0).unwrap_or(0),
+        metrics.freshness_ms_max.load(Ordering::Relaxed),
+    );
+    store.delete_table().await.expect("delete table");
+    let _ = k.delete_stream().stream_name(stream).send().await;
 }
