@@ -804,7 +804,13 @@ pub async fn run_leased(
             expires_at: Some((now_ms() + lc.lease_ms).div_euclid(SECOND_MS) + 1),
         };
         leases.put(&hb, Condition::Always).await?;
-        let workers = leases.query(&worker_key.pk, "", "~").await?.len().max(1);
+        let live_workers: Vec<String> = leases
+            .query(&worker_key.pk, "", "~")
+            .await?
+            .into_iter()
+            .map(|i| i.key.sk)
+            .collect();
+        let workers = live_workers.len().max(1);
         // Reap shards whose task ended.
         let ended: Vec<String> = held
             .iter()
@@ -867,8 +873,17 @@ pub async fn run_leased(
             .filter(|s| !finished.contains(&s.id))
             .collect();
         let fair = open.len().div_ceil(workers);
-        // Hand one back when over the fair share (a new worker joined).
-        if held.len() > fair
+        // Hand one back when over the fair share, or when a live worker holds two fewer than us
+        // (a new worker joined): shard counts end at most one apart.
+        let mut counts: std::collections::HashMap<String, usize> =
+            live_workers.iter().map(|w| (w.clone(), 0)).collect();
+        for l in leases.query(&lease_key("").pk, "", "~").await? {
+            if let Some(c) = counts.get_mut(String::from_utf8_lossy(&l.data).as_ref()) {
+                *c += 1;
+            }
+        }
+        let fewest = counts.values().copied().min().unwrap_or(0);
+        if (held.len() > fair || held.len() > fewest + 1)
             && let Some(shard) = held.keys().next().cloned()
             && let Some(mut h) = held.remove(&shard)
         {

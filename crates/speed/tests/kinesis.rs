@@ -367,6 +367,18 @@ async fn two_consumers_split_the_shards_and_one_takes_over() {
     }
     assert_eq!(split.get("worker-a"), Some(&2), "{split:?}");
     assert_eq!(split.get("worker-b"), Some(&2), "{split:?}");
+    // A third worker joins: the shares even out (2/1/1).
+    let (stop_c, c) = worker("worker-c");
+    for _ in 0..100 {
+        split = holders().await;
+        if split.get("worker-c") == Some(&1) && split.values().sum::<i32>() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(split.get("worker-c"), Some(&1), "{split:?}");
+    stop_c.send(true).unwrap();
+    c.await.unwrap().unwrap();
     // Worker A dies.
     a.abort();
     let _ = a.await;
