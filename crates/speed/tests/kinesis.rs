@@ -472,8 +472,9 @@ async fn drop_stream(stream: &str) {
         .unwrap();
 }
 
-/// kill -9 of `lambda-speed run --source kinesis://…` at random moments, restarted each time:
-/// DynamoDB ends with exactly the tiles of the independent computation.
+/// kill -9 of `lambda-speed run --source kinesis://…` at random moments, restarted each time
+/// (two runs, each into a fresh table): DynamoDB ends with exactly the tiles of the independent
+/// computation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_and_restart_on_kinesis_and_dynamodb() {
     let dir = tempfile::tempdir().unwrap();
@@ -481,8 +482,7 @@ async fn kill_9_and_restart_on_kinesis_and_dynamodb() {
     let (source, store) = setup("lambda-speed-kill", 2).await;
     let stream = source.name().trim_start_matches("kinesis:").to_string();
     put(&source, &stream, &lines).await;
-    let table = format!("lambda-speed-{stream}");
-    let run = || {
+    let run = |table: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_lambda-speed"))
             .arg("run")
             .arg("--view")
@@ -521,34 +521,60 @@ async fn kill_9_and_restart_on_kinesis_and_dynamodb() {
             .unwrap()
     };
     let mut rng = 0x1234_u64;
-    let mut kills = 0;
-    loop {
-        let mut child = run();
-        rng = rng
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        std::thread::sleep(Duration::from_millis(300 + (rng >> 33) % 700));
-        match child.try_wait().unwrap() {
-            Some(status) => {
-                assert!(status.success(), "{status}");
-                break;
-            }
-            None => {
-                child.kill().unwrap();
-                child.wait().unwrap();
-                kills += 1;
-            }
-        }
-        assert!(kills < 60, "never finished");
-    }
-    assert!(kills >= 2, "the schedule must actually kill ({kills})");
     let v = view();
-    let (got, _) = stored(store.as_ref(), &v).await;
     let want = expected(&v, &lines);
-    assert_eq!(got.len(), want.len(), "{kills} kills");
-    for (k, w) in &want {
-        assert_eq!(got.get(k), Some(w), "{k:?} after {kills} kills");
+    let mut tables = vec![store];
+    let mut total_kills = 0;
+    for round in 0..2 {
+        if round > 0 {
+            let mut cfg = DynamoConfig::new(format!("lambda-speed-{stream}-{round}"), "us-east-1");
+            cfg.endpoint = Some(endpoint("LAMBDA_TEST_DYNAMODB_ENDPOINT"));
+            cfg.static_credentials = Some(("test".into(), "test".into()));
+            let t = DynamoStore::connect(cfg).await;
+            t.create_table().await.unwrap();
+            tables.push(Arc::new(t));
+        }
+        let table = if round == 0 {
+            format!("lambda-speed-{stream}")
+        } else {
+            format!("lambda-speed-{stream}-{round}")
+        };
+        let store = tables[round].clone();
+        let mut kills = 0;
+        loop {
+            let mut child = run(&table);
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            std::thread::sleep(Duration::from_millis(80 + (rng >> 33) % 300));
+            match child.try_wait().unwrap() {
+                Some(status) => {
+                    assert!(status.success(), "{status}");
+                    break;
+                }
+                None => {
+                    child.kill().unwrap();
+                    child.wait().unwrap();
+                    kills += 1;
+                }
+            }
+            assert!(kills < 60, "never finished");
+        }
+        assert!(kills >= 1, "the schedule must actually kill ({kills})");
+        total_kills += kills;
+        let (got, _) = stored(store.as_ref(), &v).await;
+        assert_eq!(got.len(), want.len(), "round {round}: {kills} kills");
+        for (k, w) in &want {
+            assert_eq!(
+                got.get(k),
+                Some(w),
+                "round {round}: {k:?} after {kills} kills"
+            );
+        }
     }
-    store.delete_table().await.unwrap();
+    assert!(total_kills >= 3, "{total_kills} kills");
+    for t in tables {
+        t.delete_table().await.unwrap();
+    }
     drop_stream(&stream).await;
 }
