@@ -304,13 +304,12 @@ fn show(
     let aggs = v.aggs();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let s = lambda_store::embedded::EmbeddedStore::open(&store)?;
-    let mut missing = false;
     for e in &entities {
         let pk = lambda_store::ItemKey::partition(&v.name, e);
         let items = rt.block_on(s.query(&pk, "tile#", "tile#~"))?;
         if items.is_empty() {
+            // Normal for an entity without recent events: serving uses its batch row alone.
             println!("{e}: no live tiles");
-            missing = true;
             continue;
         }
         println!(
@@ -353,9 +352,5 @@ fn show(
             );
         }
     }
-    Ok(if missing {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(ExitCode::SUCCESS)
 }

@@ -143,8 +143,9 @@ impl LateEvents {
             let date = lambda_core::time::format_ts(day)[..10].to_string();
             let dir = self.dir.join(format!("date={date}"));
             std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-            let path = dir.join(format!("late-{}-{seq:0>56}.parquet", self.shard));
-            let tmp = dir.join(format!(".tmp-late-{}-{seq:0>56}", self.shard));
+            let seq = format!("{:0>56}", seq.to_string());
+            let path = dir.join(format!("late-{}-{seq}.parquet", self.shard));
+            let tmp = dir.join(format!(".tmp-late-{}-{seq}", self.shard));
             let perr = |e: &dyn std::fmt::Display| SinkError::Parquet {
                 path: path.clone(),
                 message: e.to_string(),
