@@ -882,8 +882,16 @@ pub async fn run_leased(
                 *c += 1;
             }
         }
-        let fewest = counts.values().copied().min().unwrap_or(0);
-        if (held.len() > fair || held.len() > fewest + 1)
+        // The least-loaded other live worker: we take shards only while we hold no more than it
+        // (so a released shard goes to the worker that needs it, not back to us), and hand one
+        // over when we hold two more.
+        let others_min = counts
+            .iter()
+            .filter(|(w, _)| **w != lc.worker)
+            .map(|(_, c)| *c)
+            .min();
+        let mut handed_over = false;
+        if (held.len() > fair || others_min.is_some_and(|m| held.len() > m + 1))
             && let Some(shard) = held.keys().next().cloned()
             && let Some(mut h) = held.remove(&shard)
         {
@@ -891,9 +899,10 @@ pub async fn run_leased(
             let _ = h.stop.send(true);
             let _ = h.join().await;
             release(leases.as_ref(), &clock, &h.lease).await?;
+            handed_over = true;
         }
         for s in open {
-            if held.len() >= fair {
+            if handed_over || held.len() >= fair || others_min.is_some_and(|m| held.len() > m) {
                 break;
             }
             if held.contains_key(&s.id)
