@@ -6,6 +6,9 @@ use std::sync::Arc;
 
 use crate::{Condition, Guard, Item, ItemKey, ManualClock, OnlineStore, StoreError};
 
+/// 2100-01-01T00:00:00Z, the suite's injected "now" (see [`run_all`]).
+const BASE_S: i64 = 4_102_444_800;
+
 fn item(pk: &str, sk: &str, data: &[u8], guard: Option<u128>, expires_at: Option<i64>) -> Item {
     Item {
         key: ItemKey::new(pk, sk),
@@ -18,7 +21,9 @@ fn item(pk: &str, sk: &str, data: &[u8], guard: Option<u128>, expires_at: Option
 /// Runs every case. `clock` must be the clock the store was built with, set to a time the
 /// suite then moves forward.
 pub async fn run_all(store: Arc<dyn OnlineStore>, clock: &ManualClock, prefix: &str) {
-    clock.set(1_700_000_000_000);
+    // Times in the real clock's future: DynamoDB Local deletes items whose TTL has passed in
+    // real time (within about a second), whatever the injected clock says.
+    clock.set(BASE_S * 1000);
     round_trip(store.as_ref(), prefix).await;
     not_exists(store.as_ref(), prefix).await;
     guard_advances(store.as_ref(), prefix).await;
@@ -84,7 +89,7 @@ async fn put_each(s: &dyn OnlineStore, p: &str) {
 /// expired lease is taken over and its old holder learns it at renewal.
 async fn leases(s: Arc<dyn OnlineStore>, clock: &ManualClock, p: &str) {
     use crate::lease::{holder, release, renew, try_acquire};
-    let now_s = 1_700_000_100;
+    let now_s = BASE_S + 100;
     clock.set(now_s * 1000);
     let key = ItemKey::new(format!("{p}-lease#job"), "lock");
     let mut a = try_acquire(s.as_ref(), clock, key.clone(), "a", 30_000)
@@ -149,7 +154,7 @@ async fn leases(s: Arc<dyn OnlineStore>, clock: &ManualClock, p: &str) {
 async fn round_trip(s: &dyn OnlineStore, p: &str) {
     let pk = format!("{p}-rt#u1");
     assert_eq!(s.get(&ItemKey::new(&pk, "batch")).await.unwrap(), None);
-    let it = item(&pk, "batch", b"\x01states", Some(42), Some(1_900_000_000));
+    let it = item(&pk, "batch", b"\x01states", Some(42), Some(BASE_S + 86_400));
     s.put(&it, Condition::Always).await.unwrap();
     assert_eq!(s.get(&it.key).await.unwrap(), Some(it.clone()));
     let it2 = item(&pk, "batch", b"", None, None);
@@ -342,7 +347,7 @@ async fn batches(s: &dyn OnlineStore, p: &str) {
 }
 
 async fn expiry(s: &dyn OnlineStore, clock: &ManualClock, p: &str) {
-    let now_s = 1_700_000_000;
+    let now_s = BASE_S;
     clock.set(now_s * 1000);
     let pk = format!("{p}-ttl#u1");
     let live = item(&pk, "tile#0000000000000#s", b"live", None, Some(now_s + 10));
