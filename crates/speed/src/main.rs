@@ -88,9 +88,9 @@ struct RunArgs {
     /// Exit once every shard is read to its end (replays of finite files, demos, tests).
     #[arg(long)]
     exit_at_end: bool,
-    /// Share the shards with other `lambda-speed` processes through leases in this store (a
-    /// redb path or `dynamodb://TABLE`, the template's lease table). Without it, this process
-    /// reads every shard.
+    /// Share the shards with other `lambda-speed` processes through leases in this DynamoDB
+    /// table (`dynamodb://TABLE`, the template's lease table). Without it, this process reads
+    /// every shard.
     #[arg(long, conflicts_with = "exit_at_end")]
     leases: Option<String>,
     /// Lease length: a dead process's shards are taken over this long after its last renewal.
@@ -260,6 +260,11 @@ fn run_consumer(args: RunArgs) -> anyhow::Result<ExitCode> {
         let result = match &args.leases {
             None => run_all(view, source, store, config, metrics.clone(), stop_rx).await,
             Some(text) => {
+                if !text.starts_with("dynamodb://") {
+                    anyhow::bail!(
+                        "--leases `{text}`: leases must be shared by every process, use dynamodb://TABLE (a local file is opened by one process only)"
+                    );
+                }
                 let leases = open_store(text, &args.region, args.endpoint.as_deref()).await?;
                 let worker = args.worker_id.clone().unwrap_or_else(|| {
                     let host = std::env::var("HOSTNAME")

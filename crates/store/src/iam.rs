@@ -41,9 +41,9 @@ pub const KINESIS_CONSUMER_ACTIONS: &[&str] = &[
     "kinesis:GetShardIterator",
     "kinesis:GetRecords",
 ];
-/// Lease-table actions of the speed layer (find, take, renew, release leases).
+/// Lease-table actions of the speed layer (list workers and leases, take, renew, release).
 pub const LEASE_ACTIONS: &[&str] = &[
-    "dynamodb:Scan",
+    "dynamodb:Query",
     "dynamodb:GetItem",
     "dynamodb:PutItem",
     "dynamodb:DeleteItem",
