@@ -20,10 +20,8 @@ use lambda_store::{Item, OnlineStore};
 const USERS: u32 = 40;
 
 fn view() -> FeatureView {
-    FeatureView::load(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fraud/features.toml"),
-    )
-    .unwrap()
+    FeatureView::load(Path::new(&manifest_dir()).join("../../examples/fraud/features.toml"))
+        .unwrap()
 }
 
 /// A small stream with every kind of trouble, at a high rate of each.
@@ -194,7 +192,7 @@ fn consumer(file: &Path, store: &Path, dir: &Path) -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lambda-speed"));
     c.arg("run")
         .arg("--view")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fraud/features.toml"))
+        .arg(Path::new(&manifest_dir()).join("../../examples/fraud/features.toml"))
         .arg("--source")
         .arg(file)
         .arg("--store")
@@ -363,4 +361,10 @@ async fn sigterm_flushes_checkpoints_and_exits_cleanly() {
         Some(std::fs::metadata(&file).unwrap().len().to_string()),
         "everything read is checkpointed"
     );
+}
+
+/// The package directory of the checkout the test runs in (read at run time: a test binary reused
+/// from a target directory shared with another checkout must not look into that checkout).
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
 }

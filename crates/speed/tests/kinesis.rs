@@ -30,10 +30,8 @@ fn endpoint(var: &str) -> String {
 }
 
 fn view() -> FeatureView {
-    FeatureView::load(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fraud/features.toml"),
-    )
-    .unwrap()
+    FeatureView::load(Path::new(&manifest_dir()).join("../../examples/fraud/features.toml"))
+        .unwrap()
 }
 
 /// Generated lines (duplicates, out-of-order, malformed; nothing beyond the allowed lateness, so
@@ -494,7 +492,7 @@ async fn kill_9_and_restart_on_kinesis_and_dynamodb() {
         std::process::Command::new(env!("CARGO_BIN_EXE_lambda-speed"))
             .arg("run")
             .arg("--view")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fraud/features.toml"))
+            .arg(Path::new(&manifest_dir()).join("../../examples/fraud/features.toml"))
             .arg("--source")
             .arg(format!("kinesis://{stream}"))
             .arg("--store")
@@ -585,4 +583,10 @@ async fn kill_9_and_restart_on_kinesis_and_dynamodb() {
         t.delete_table().await.unwrap();
     }
     drop_stream(&stream).await;
+}
+
+/// The package directory of the checkout the test runs in (read at run time: a test binary reused
+/// from a target directory shared with another checkout must not look into that checkout).
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
 }

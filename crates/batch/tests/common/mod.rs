@@ -21,7 +21,7 @@ pub fn rows_of(batch: &RecordBatch) -> Vec<Vec<Value>> {
 }
 
 pub fn examples() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fraud")
+    Path::new(&manifest_dir()).join("../../examples/fraud")
 }
 
 /// Small generated data set (JSON stream, decoded by the core decoder; malformed lines dropped).
@@ -140,4 +140,10 @@ pub fn synthetic(view: &FeatureView, n: usize, start: i64, span: i64) -> RecordB
 /// Float results agree within 1e-9 relative (the documented bound; NaN equals NaN).
 pub fn close(a: f64, b: f64) -> bool {
     (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+/// The package directory of the checkout the test runs in (read at run time: a test binary reused
+/// from a target directory shared with another checkout must not look into that checkout).
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
 }
