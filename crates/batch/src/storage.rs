@@ -42,7 +42,8 @@ pub enum StorageError {
 pub struct S3Options {
     /// Region (default: `AWS_REGION`, else `us-east-1`).
     pub region: Option<String>,
-    /// Custom endpoint (an emulator); path-style requests are used then.
+    /// Custom endpoint (an emulator); path-style requests are used then. Default:
+    /// `AWS_ENDPOINT_URL_S3` if set.
     pub endpoint: Option<String>,
     /// Fixed (access key, secret) instead of the environment's credentials (tests, emulators).
     pub static_credentials: Option<(String, String)>,
@@ -88,7 +89,11 @@ impl Location {
             if let Some((key, secret)) = &s3.static_credentials {
                 b = b.with_access_key_id(key).with_secret_access_key(secret);
             }
-            if let Some(e) = &s3.endpoint {
+            let endpoint = s3
+                .endpoint
+                .clone()
+                .or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").ok());
+            if let Some(e) = &endpoint {
                 b = b
                     .with_endpoint(e)
                     .with_allow_http(e.starts_with("http://"))
