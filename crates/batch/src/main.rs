@@ -351,18 +351,9 @@ async fn open_store(
     region: &str,
     endpoint: Option<&str>,
 ) -> anyhow::Result<std::sync::Arc<dyn lambda_store::OnlineStore>> {
-    Ok(match text.strip_prefix("dynamodb://") {
-        Some(table) => {
-            let mut cfg = lambda_store::dynamo::DynamoConfig::new(table, region);
-            cfg.endpoint = endpoint.map(String::from);
-            let s = lambda_store::dynamo::DynamoStore::connect(cfg).await;
-            s.healthcheck()
-                .await
-                .with_context(|| format!("checking the online store {text}"))?;
-            std::sync::Arc::new(s)
-        }
-        None => std::sync::Arc::new(lambda_store::embedded::EmbeddedStore::open(text)?),
-    })
+    lambda_store::open(text, region, endpoint)
+        .await
+        .with_context(|| format!("opening the online store {text}"))
 }
 
 fn show(view: PathBuf, store: PathBuf, entities: Vec<String>) -> anyhow::Result<ExitCode> {
@@ -446,15 +437,11 @@ fn schedule(
             let region = std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into());
             let endpoint = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").ok();
             let store = rt.block_on(open_store(text, &region, endpoint.as_deref()))?;
-            let host = std::env::var("HOSTNAME")
-                .ok()
-                .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-                .unwrap_or_else(|| "unknown-host".into());
             Coordinator::Store {
                 store,
                 state,
                 clock: std::sync::Arc::new(lambda_store::SystemClock),
-                owner: format!("{}:{}", host.trim(), std::process::id()),
+                owner: lambda_store::lease::default_owner(),
             }
         }
     };

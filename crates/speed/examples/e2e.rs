@@ -90,23 +90,7 @@ async fn main() {
     let started = Instant::now();
     let mut puts = tokio::task::JoinSet::new();
     for chunk in lines.chunks(500) {
-        let entries: Vec<PutRecordsRequestEntry> = chunk
-            .iter()
-            .map(|l| {
-                let t = String::from_utf8_lossy(l);
-                let key = t
-                    .split("\"user_id\":\"")
-                    .nth(1)
-                    .and_then(|r| r.split('"').next())
-                    .unwrap_or("x")
-                    .to_string();
-                PutRecordsRequestEntry::builder()
-                    .data(Blob::new(l.to_vec()))
-                    .partition_key(key)
-                    .build()
-                    .expect("entry")
-            })
-            .collect();
+        let entries = entries(chunk);
         let (k, stream) = (k.clone(), stream.clone());
         puts.spawn(async move {
             k.put_records()

@@ -140,18 +140,9 @@ async fn open_store(
     region: &str,
     endpoint: Option<&str>,
 ) -> anyhow::Result<Arc<dyn OnlineStore>> {
-    Ok(match text.strip_prefix("dynamodb://") {
-        Some(table) => {
-            let mut cfg = lambda_store::dynamo::DynamoConfig::new(table, region);
-            cfg.endpoint = endpoint.map(String::from);
-            let s = lambda_store::dynamo::DynamoStore::connect(cfg).await;
-            s.healthcheck()
-                .await
-                .with_context(|| format!("checking the online store {text}"))?;
-            Arc::new(s)
-        }
-        None => Arc::new(lambda_store::embedded::EmbeddedStore::open(text)?),
-    })
+    lambda_store::open(text, region, endpoint)
+        .await
+        .with_context(|| format!("opening the online store {text}"))
 }
 
 fn report(m: &Metrics, started: std::time::Instant) -> String {
@@ -266,13 +257,10 @@ fn run_consumer(args: RunArgs) -> anyhow::Result<ExitCode> {
                     );
                 }
                 let leases = open_store(text, &args.region, args.endpoint.as_deref()).await?;
-                let worker = args.worker_id.clone().unwrap_or_else(|| {
-                    let host = std::env::var("HOSTNAME")
-                        .ok()
-                        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-                        .unwrap_or_else(|| "host".into());
-                    format!("{}:{}", host.trim(), std::process::id())
-                });
+                let worker = args
+                    .worker_id
+                    .clone()
+                    .unwrap_or_else(lambda_store::lease::default_owner);
                 let lease_ms = args.lease_ttl.millis().max(1_000);
                 lambda_speed::consumer::run_leased(
                     view,

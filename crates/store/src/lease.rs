@@ -25,6 +25,15 @@ pub struct Lease {
     pub expires_at: i64,
 }
 
+/// This process's name for lease tables: `host:pid` (`HOSTNAME` or `/etc/hostname`).
+pub fn default_owner() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .unwrap_or_else(|| "unknown-host".into());
+    format!("{}:{}", host.trim(), std::process::id())
+}
+
 /// A fresh random token (time, process id and a counter through the std hasher's random keys).
 fn new_token() -> Guard {
     use std::hash::{BuildHasher, Hasher};

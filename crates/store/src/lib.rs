@@ -267,6 +267,26 @@ pub trait OnlineStore: Send + Sync + fmt::Debug {
     async fn delete(&self, key: &ItemKey) -> Result<(), StoreError>;
 }
 
+/// Opens the online store named by `text`: `dynamodb://TABLE` (checked reachable with
+/// `DescribeTable`; `region`, optional `endpoint` for emulators) or a redb file path (the
+/// embedded default). The binaries' `--store` and `--leases` flags go through here.
+pub async fn open(
+    text: &str,
+    region: &str,
+    endpoint: Option<&str>,
+) -> Result<std::sync::Arc<dyn OnlineStore>, StoreError> {
+    Ok(match text.strip_prefix("dynamodb://") {
+        Some(table) => {
+            let mut cfg = dynamo::DynamoConfig::new(table, region);
+            cfg.endpoint = endpoint.map(String::from);
+            let s = dynamo::DynamoStore::connect(cfg).await;
+            s.healthcheck().await?;
+            std::sync::Arc::new(s)
+        }
+        None => std::sync::Arc::new(embedded::EmbeddedStore::open(text)?),
+    })
+}
+
 /// Checks an item before writing it, identically for every backend.
 pub fn validate_item(item: &Item) -> Result<(), StoreError> {
     if item.key.pk.is_empty() || item.key.sk.is_empty() {
