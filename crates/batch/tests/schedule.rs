@@ -145,18 +145,7 @@ fn the_shipped_schedules_are_valid() {
 #[test]
 fn schedule_once_runs_records_and_respects_the_lock() {
     let dir = tempfile::tempdir().unwrap();
-    let sched = dir.path().join("schedules");
-    std::fs::create_dir_all(dir.path().join("history")).unwrap();
-    std::fs::create_dir_all(&sched).unwrap();
-    let view = Path::new(&manifest_dir()).join("../../examples/fraud/features.toml");
-    std::fs::write(
-        sched.join("job.toml"),
-        format!(
-            "name = \"job\"\ncron = \"0 0 0 * * *\"\nview = \"{}\"\nhistory = \"../history\"\noffline = \"../offline\"\nstore = \"../online.redb\"\n",
-            view.display()
-        ),
-    )
-    .unwrap();
+    let sched = nightly_job_dir(dir.path());
     let state = dir.path().join("state");
     let run = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_lambda-batch"))
@@ -219,18 +208,7 @@ async fn schedule_once_with_a_dynamodb_lock_across_machines() {
     dynamo.create_table().await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let sched = dir.path().join("schedules");
-    std::fs::create_dir_all(dir.path().join("history")).unwrap();
-    std::fs::create_dir_all(&sched).unwrap();
-    let view = Path::new(&manifest_dir()).join("../../examples/fraud/features.toml");
-    std::fs::write(
-        sched.join("job.toml"),
-        format!(
-            "name = \"job\"\ncron = \"0 0 0 * * *\"\nview = \"{}\"\nhistory = \"../history\"\noffline = \"../offline\"\nstore = \"../online.redb\"\n",
-            view.display()
-        ),
-    )
-    .unwrap();
+    let sched = nightly_job_dir(dir.path());
     let run = |state: &Path| {
         std::process::Command::new(env!("CARGO_BIN_EXE_lambda-batch"))
             .args(["schedule", "--once", "--dir"])
@@ -311,4 +289,22 @@ async fn schedule_once_with_a_dynamodb_lock_across_machines() {
 /// from a target directory shared with another checkout must not look into that checkout).
 fn manifest_dir() -> String {
     std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
+}
+
+/// `<root>/schedules/job.toml`: the fraud view nightly at midnight over an empty
+/// `<root>/history`, offline store and redb file beside it; returns the schedules directory.
+fn nightly_job_dir(root: &Path) -> std::path::PathBuf {
+    let sched = root.join("schedules");
+    std::fs::create_dir_all(root.join("history")).unwrap();
+    std::fs::create_dir_all(&sched).unwrap();
+    let view = Path::new(&manifest_dir()).join("../../examples/fraud/features.toml");
+    std::fs::write(
+        sched.join("job.toml"),
+        format!(
+            "name = \"job\"\ncron = \"0 0 0 * * *\"\nview = \"{}\"\nhistory = \"../history\"\noffline = \"../offline\"\nstore = \"../online.redb\"\n",
+            view.display()
+        ),
+    )
+    .unwrap();
+    sched
 }
