@@ -35,7 +35,7 @@ use datafusion::parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 use lambda_core::decode::{arrow_schema, value_at};
-use lambda_core::merge::{Partial, Tier, build_batch_row, features_at, tier_reach};
+use lambda_core::merge::{Partial, Tier, build_batch_row, features_at_cutoff, tier_reach};
 use lambda_core::time::{DAY_MS, format_ts, tile_start};
 use lambda_core::{FeatureView, Value, sql};
 use lambda_store::{Item, ItemKey, OnlineStore, StoreError};
@@ -172,9 +172,15 @@ pub struct RunSummary {
 const DAYS_AT_ONCE: usize = 2;
 
 /// (tier, bucket start, encoded states) of one stored partial.
-type PartialBlob = (Tier, i64, Vec<u8>);
+/// (tier, bucket start, array, row): the encoded states are `arrays[array].value(row)` of the
+/// [`EntityPartials`] (read files stay in their Arrow buffers, nothing is copied per partial).
+type PartialBlob = (Tier, i64, u32, u32);
 /// Per entity: every partial its batch row needs.
-type EntityPartials = HashMap<String, Vec<PartialBlob>>;
+#[derive(Default)]
+struct EntityPartials {
+    by_entity: HashMap<String, Vec<PartialBlob>>,
+    arrays: Vec<BinaryArray>,
+}
 /// A built batch row and the entity's finalized features at the cutoff.
 type BuiltRow = (Item, (String, Vec<Value>));
 
@@ -512,14 +518,17 @@ fn add_partials(
     if entities.null_count() + starts.null_count() + states.null_count() > 0 {
         return Err(bad("null entity, start or states"));
     }
+    into.arrays.push(states.clone());
+    let array = u32::try_from(into.arrays.len() - 1)
+        .map_err(|_| BatchError::Config("too many partial batches".into()))?;
     for i in 0..b.num_rows() {
         let (e, start) = (entities.value(i), starts.value(i));
         if start >= from && start < to {
-            let blob = (tier, start, states.value(i).to_vec());
-            match into.get_mut(e) {
+            let blob = (tier, start, array, i as u32);
+            match into.by_entity.get_mut(e) {
                 Some(v) => v.push(blob),
                 None => {
-                    into.insert(e.to_string(), vec![blob]);
+                    into.by_entity.insert(e.to_string(), vec![blob]);
                 }
             }
         }
@@ -578,7 +587,7 @@ pub async fn run(
             date_of(day)
         )
     };
-    let mut rows: EntityPartials = HashMap::new();
+    let mut rows = EntityPartials::default();
     let started = Instant::now();
     let total = days.len();
     // 1. Plan: which tiers each day must compute (stored partials of unchanged inputs are reused).
@@ -699,7 +708,8 @@ pub async fn run(
     let aggs = view.aggs();
     let expires = c.div_euclid(1000) + opts.row_ttl_days * 86_400;
     // Rows are independent: build them on every core (order is kept: chunks are concatenated).
-    let mut rows: Vec<(String, Vec<PartialBlob>)> = rows.into_iter().collect();
+    let arrays = &rows.arrays;
+    let mut rows: Vec<(String, Vec<PartialBlob>)> = rows.by_entity.into_iter().collect();
     rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -715,7 +725,8 @@ pub async fn run(
                     for (entity, parts) in part {
                         let partials = parts
                             .iter()
-                            .map(|(tier, start_ms, blob)| {
+                            .map(|(tier, start_ms, array, row)| {
+                                let blob = arrays[*array as usize].value(*row as usize);
                                 Ok(Partial {
                                     tier: *tier,
                                     start_ms: *start_ms,
@@ -724,7 +735,7 @@ pub async fn run(
                             })
                             .collect::<Result<Vec<_>, lambda_core::agg::AggError>>()?;
                         let row = build_batch_row(view, c, &partials);
-                        let features = features_at(view, Some(&row), &[], c)?;
+                        let features = features_at_cutoff(view, &row)?;
                         let item = Item {
                             key: ItemKey::batch(&view.name, entity),
                             data: row.encode(aggs),
@@ -774,14 +785,12 @@ pub async fn run(
         summary.sql_drift = Some(drift);
         feature_rows = hand;
     }
-    write_features(
-        view,
-        &opts.offline,
-        &format!("{base}/features/cutoff={}/part-0.parquet", date_of(c)),
-        &feature_rows,
-    )
-    .await?;
-    tracing::info!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Offline features written.");
+    // The features file is encoded on another core while the rows upload.
+    let features_rel = format!("{base}/features/cutoff={}/part-0.parquet", date_of(c));
+    let encoding = {
+        let (view, url) = (view.clone(), opts.offline.url_of(&features_rel));
+        tokio::task::spawn_blocking(move || encode_features(&view, &url, &feature_rows))
+    };
     let total = items.len();
     for (i, chunk) in items.chunks(5_000).enumerate() {
         store.batch_put(chunk).await?;
@@ -791,6 +800,11 @@ pub async fn run(
         });
     }
     tracing::info!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Batch rows uploaded.");
+    let parquet = encoding
+        .await
+        .map_err(|_| BatchError::Config("encoding the features file panicked (a bug)".into()))??;
+    opts.offline.put(&features_rel, parquet).await?;
+    tracing::info!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Offline features written.");
     Ok(summary)
 }
 
@@ -915,13 +929,13 @@ async fn hand_written_features(
     Ok(out)
 }
 
-/// Writes the finalized features (entity + one column per feature, documented output types).
-async fn write_features(
+/// Encodes the finalized features (entity + one column per feature, documented output types) as
+/// Parquet; `url` names the file in errors.
+fn encode_features(
     view: &FeatureView,
-    offline: &Location,
-    rel: &str,
+    url: &str,
     rows: &[(String, Vec<Value>)],
-) -> Result<u64, BatchError> {
+) -> Result<Vec<u8>, BatchError> {
     let feats = view.features();
     let schema = features_schema(view);
     let source = lambda_core::spec::Source {
@@ -950,7 +964,15 @@ async fn write_features(
     let batch = b.finish().map_err(|e| BatchError::Config(e.to_string()))?;
     let batch = RecordBatch::try_new(schema.clone(), batch.columns().to_vec())
         .map_err(|e| BatchError::Config(e.to_string()))?;
-    write_parquet(offline, rel, schema, &[batch]).await
+    let perr = |e: datafusion::parquet::errors::ParquetError| BatchError::Parquet {
+        url: url.to_string(),
+        message: e.to_string(),
+    };
+    let mut buf = Vec::new();
+    let mut w = ArrowWriter::try_new(&mut buf, schema, None).map_err(perr)?;
+    w.write(&batch).map_err(perr)?;
+    w.close().map_err(perr)?;
+    Ok(buf)
 }
 
 /// The dates of stored partials of `tier` (for tests and status output).

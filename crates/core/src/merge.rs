@@ -322,6 +322,34 @@ pub fn features_at(
     Ok(out)
 }
 
+/// Every feature of `view` at the row's own cutoff from the row alone (what the batch job writes
+/// to the offline store): equal to [`features_at`]`(view, Some(row), &[], row.cutoff_ms)`, but a
+/// window without tail partials is finalized from its rest without copying it.
+pub fn features_at_cutoff(view: &FeatureView, row: &BatchRow) -> Result<Vec<Value>, MergeError> {
+    let aggs = view.aggs();
+    let mut out = Vec::new();
+    for f in view.features() {
+        let agg = &aggs[f.aggregation];
+        let Some(part) = row.windows.iter().find(|p| p.window == f.window) else {
+            out.push(agg.finalize(&agg.empty())?);
+            continue;
+        };
+        // At the cutoff the window is [c − W, c): every tail partial and the rest.
+        // Same merge order as `features_at` (tail, then rest), so float states agree bit for bit.
+        if part.tail.is_empty() {
+            out.push(agg.finalize(&part.rest[f.aggregation])?);
+        } else {
+            let mut state = agg.empty();
+            for (_, states) in &part.tail {
+                agg.merge(&mut state, &states[f.aggregation]);
+            }
+            agg.merge(&mut state, &part.rest[f.aggregation]);
+            out.push(agg.finalize(&state)?);
+        }
+    }
+    Ok(out)
+}
+
 /// Merges a set of per-bucket states (e.g. many shards' tiles of the same start) into one list.
 pub fn merge_into(aggs: &[Aggregation], into: &mut Vec<AggState>, other: &[AggState]) {
     if into.is_empty() {

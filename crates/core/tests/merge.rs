@@ -8,7 +8,7 @@ use std::path::Path;
 use lambda_core::agg::{empty_states, update_all};
 use lambda_core::merge::{
     BatchRow, MergeError, Partial, ROW_VALIDITY, Tier, Tile, build_batch_row, features_at,
-    tier_reach,
+    features_at_cutoff, tier_reach,
 };
 use lambda_core::time::{DAY_MS, MINUTE_MS, served_range, tile_start};
 use lambda_core::{FeatureView, Value};
@@ -95,6 +95,17 @@ fn batch_row(view: &FeatureView, evs: &[Ev], cutoff: i64) -> BatchRow {
     let row = build_batch_row(view, cutoff, &partials);
     // The row survives its encoding.
     assert_eq!(BatchRow::decode(&aggs, &row.encode(&aggs)).unwrap(), row);
+    // What the batch job writes to the offline store: the features at the cutoff, computed
+    // directly over the events and through the general merge.
+    let at_cutoff = features_at_cutoff(view, &row).unwrap();
+    assert!(
+        same(&at_cutoff, &direct(view, evs, cutoff)),
+        "features at the cutoff"
+    );
+    assert_eq!(
+        at_cutoff,
+        features_at(view, Some(&row), &[], cutoff).unwrap()
+    );
     row
 }
 
