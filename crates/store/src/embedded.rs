@@ -14,8 +14,6 @@ use crate::{
 };
 
 const ITEMS: TableDefinition<&str, &[u8]> = TableDefinition::new("items");
-/// Page cache of the embedded store (redb's default is 1 GiB).
-const CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The embedded store.
 #[derive(Clone)]
@@ -127,12 +125,7 @@ impl EmbeddedStore {
                 source: redb::Error::Io(e),
             })?;
         }
-        // redb caches up to 1 GiB by default; the store is written in batches and read by key,
-        // so a smaller cache keeps a batch job's or consumer's memory to its own working set.
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| err(e.into()))?;
+        let db = Database::create(&path).map_err(|e| err(e.into()))?;
         let txn = db.begin_write().map_err(|e| err(e.into()))?;
         txn.open_table(ITEMS).map_err(|e| err(e.into()))?;
         txn.commit().map_err(|e| err(e.into()))?;
