@@ -171,7 +171,6 @@ pub struct RunSummary {
 /// History days computed at once (each day's query also runs on several threads).
 const DAYS_AT_ONCE: usize = 2;
 
-/// (tier, bucket start, encoded states) of one stored partial.
 /// (tier, bucket start, array, row): the encoded states are `arrays[array].value(row)` of the
 /// [`EntityPartials`] (read files stay in their Arrow buffers, nothing is copied per partial).
 type PartialBlob = (Tier, i64, u32, u32);
@@ -202,15 +201,14 @@ fn partial_schema() -> SchemaRef {
     ]))
 }
 
-/// Writes batches to `rel` below `loc` in one atomic put; returns the bytes written.
-async fn write_parquet(
-    loc: &Location,
-    rel: &str,
+/// Encodes batches as one Parquet file; `url` names it in errors.
+fn parquet_bytes(
+    url: &str,
     schema: SchemaRef,
     batches: &[RecordBatch],
-) -> Result<u64, BatchError> {
+) -> Result<Vec<u8>, BatchError> {
     let perr = |e: datafusion::parquet::errors::ParquetError| BatchError::Parquet {
-        url: loc.url_of(rel),
+        url: url.to_string(),
         message: e.to_string(),
     };
     let mut buf = Vec::new();
@@ -219,6 +217,17 @@ async fn write_parquet(
         w.write(b).map_err(perr)?;
     }
     w.close().map_err(perr)?;
+    Ok(buf)
+}
+
+/// Writes batches to `rel` below `loc` in one atomic put; returns the bytes written.
+async fn write_parquet(
+    loc: &Location,
+    rel: &str,
+    schema: SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<u64, BatchError> {
+    let buf = parquet_bytes(&loc.url_of(rel), schema, batches)?;
     let n = buf.len() as u64;
     loc.put(rel, buf).await?;
     Ok(n)
@@ -964,15 +973,7 @@ fn encode_features(
     let batch = b.finish().map_err(|e| BatchError::Config(e.to_string()))?;
     let batch = RecordBatch::try_new(schema.clone(), batch.columns().to_vec())
         .map_err(|e| BatchError::Config(e.to_string()))?;
-    let perr = |e: datafusion::parquet::errors::ParquetError| BatchError::Parquet {
-        url: url.to_string(),
-        message: e.to_string(),
-    };
-    let mut buf = Vec::new();
-    let mut w = ArrowWriter::try_new(&mut buf, schema, None).map_err(perr)?;
-    w.write(&batch).map_err(perr)?;
-    w.close().map_err(perr)?;
-    Ok(buf)
+    parquet_bytes(url, schema, &[batch])
 }
 
 /// The dates of stored partials of `tier` (for tests and status output).

@@ -497,6 +497,20 @@ async fn hand_written_sql_writes_the_offline_features() {
     );
 }
 
+/// A purchase of user `u0000001` (no merchant, card presence unknown) as a history row.
+fn purchase(id: &str, amount: i128, ts: i64) -> Vec<Value> {
+    vec![
+        Value::Str(id.into()),
+        Value::Str("u0000001".into()),
+        Value::Null,
+        Value::Str("p".into()),
+        Value::Str("purchase".into()),
+        Value::Decimal(amount),
+        Value::Null,
+        Value::Timestamp(ts),
+    ]
+}
+
 fn write_parquet(path: &Path, batch: &datafusion::arrow::array::RecordBatch) {
     let f = std::fs::File::create(path).unwrap();
     let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
@@ -559,16 +573,7 @@ async fn bad_history_files_are_named() {
     // Two deliveries of one event that differ: the job refuses to guess which one is right.
     let mut b = lambda_core::decode::BatchBuilder::new(&v.source);
     for amount in [100, 200] {
-        b.push(&[
-            Value::Str("e-conflict".into()),
-            Value::Str("u0000001".into()),
-            Value::Null,
-            Value::Str("p".into()),
-            Value::Str("purchase".into()),
-            Value::Decimal(amount),
-            Value::Null,
-            Value::Timestamp(d.end - 1000),
-        ]);
+        b.push(&purchase("e-conflict", amount, d.end - 1000));
     }
     write_parquet(&day_dir.join("zz-conflict.parquet"), &b.finish().unwrap());
     let e = run(&opts, &store, |_| {}).await.unwrap_err();
@@ -793,16 +798,7 @@ async fn late_files_recompute_their_day() {
     let mut b = lambda_core::decode::BatchBuilder::new(&v.source);
     let t = d.end - 12 * DAY_MS + 10 * HOUR_MS;
     for (k, amount) in [(0, 12_345), (1, 99)] {
-        b.push(&[
-            Value::Str(format!("e-late-{k}")),
-            Value::Str("u0000001".into()),
-            Value::Null,
-            Value::Str("p".into()),
-            Value::Str("purchase".into()),
-            Value::Decimal(amount),
-            Value::Null,
-            Value::Timestamp(t + k * MINUTE_MS),
-        ]);
+        b.push(&purchase(&format!("e-late-{k}"), amount, t + k * MINUTE_MS));
     }
     write_parquet(
         &d.root.join("history/date=2025-12-20/late-00000.parquet"),
