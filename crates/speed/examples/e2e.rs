@@ -115,11 +115,7 @@ async fn main() {
         lines.len(),
         started.elapsed().as_secs_f64()
     );
-    let mut dcfg = DynamoConfig::new(format!("bench-{stream}"), "us-east-1");
-    dcfg.endpoint = Some(env("LAMBDA_TEST_DYNAMODB_ENDPOINT"));
-    dcfg.static_credentials = Some(("test".into(), "test".into()));
-    let store = Arc::new(DynamoStore::connect(dcfg).await);
-    store.create_table().await.expect("table");
+    let store = bench_table(&stream).await;
     let metrics = Arc::new(Metrics::default());
     let (_tx, stop) = tokio::sync::watch::channel(false);
     let t = Instant::now();
@@ -184,11 +180,7 @@ async fn live_run(
     dir: &std::path::Path,
 ) {
     let k = source.client().clone();
-    let mut dcfg = DynamoConfig::new(format!("bench-{stream}"), "us-east-1");
-    dcfg.endpoint = Some(env("LAMBDA_TEST_DYNAMODB_ENDPOINT"));
-    dcfg.static_credentials = Some(("test".into(), "test".into()));
-    let store = Arc::new(DynamoStore::connect(dcfg).await);
-    store.create_table().await.expect("table");
+    let store = bench_table(stream).await;
     let metrics = Arc::new(Metrics::default());
     let (tx, stop) = tokio::sync::watch::channel(false);
     let consumer = tokio::spawn(run_all(
@@ -238,4 +230,14 @@ async fn live_run(
 /// from a target directory shared with another checkout must not look into that checkout).
 fn manifest_dir() -> String {
     std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
+}
+
+/// The benchmark's table on DynamoDB Local, created (named after the stream).
+async fn bench_table(stream: &str) -> Arc<DynamoStore> {
+    let mut dcfg = DynamoConfig::new(format!("bench-{stream}"), "us-east-1");
+    dcfg.endpoint = Some(env("LAMBDA_TEST_DYNAMODB_ENDPOINT"));
+    dcfg.static_credentials = Some(("test".into(), "test".into()));
+    let store = Arc::new(DynamoStore::connect(dcfg).await);
+    store.create_table().await.expect("table");
+    store
 }
