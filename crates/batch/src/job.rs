@@ -35,7 +35,10 @@ use datafusion::parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 use lambda_core::decode::{arrow_schema, value_at};
-use lambda_core::merge::{Partial, Tier, build_batch_row, features_at_cutoff, tier_reach};
+use lambda_core::merge::{
+    BatchRow, RowBlobs, Tier, compact_row, encoded_row_features_at, row_tiers, splice_row,
+    tier_reach,
+};
 use lambda_core::time::{DAY_MS, format_ts, tile_start};
 use lambda_core::{FeatureView, Value, sql};
 use lambda_store::{Item, ItemKey, OnlineStore, StoreError};
@@ -119,8 +122,12 @@ pub struct RunOptions {
     pub cutoff_ms: i64,
     /// Recompute every partial instead of reusing stored ones.
     pub full: bool,
-    /// Days a batch row stays valid in the online store (its TTL) after the cutoff.
+    /// Days a batch row stays in the online store (its TTL) after its newest data has left every
+    /// window (the TTL is the cutoff + the longest window + these days).
     pub row_ttl_days: i64,
+    /// Rows over this many encoded bytes are compacted for the online store (normally
+    /// [`COMPACT_OVER`]; tests lower it).
+    pub compact_over: usize,
 }
 
 /// Progress of a run, for a terminal display or logs.
@@ -159,13 +166,22 @@ pub struct RunSummary {
     pub rows_in: u64,
     /// History bytes read (Parquet file sizes).
     pub bytes_in: u64,
-    /// Entities with a batch row.
+    /// Entities whose batch row was written (all of them on a rebuild, else the ones with new or
+    /// changed days).
     pub entities: usize,
     /// Bytes of batch rows uploaded.
     pub row_bytes: u64,
     /// With hand-written SQL: entities whose hand-written features differ from the definition's
     /// (drift; the parity checker says where and why). `None` without hand-written SQL.
     pub sql_drift: Option<usize>,
+    /// Entities in the offline features file of this cutoff: every entity on a rebuild, else the
+    /// ones whose features changed since the committed view.
+    pub features_written: usize,
+    /// Why every row was rebuilt (`None`: only the entities whose data changed were rewritten).
+    pub rebuild: Option<String>,
+    /// Rows too large for one item, compacted for the online store (their full rows are kept
+    /// offline; they are rewritten every night).
+    pub compacted: usize,
 }
 
 /// History days computed at once (each day's query also runs on several threads).
@@ -181,7 +197,13 @@ struct EntityPartials {
     arrays: Vec<BinaryArray>,
 }
 /// A built batch row and the entity's finalized features at the cutoff.
-type BuiltRow = (Item, (String, Vec<Value>));
+/// A built batch row (the item, and the full row when the item holds a compacted one) and the
+/// entity's finalized features at the cutoff.
+type BuiltRow = (Option<Item>, Option<Vec<u8>>, (String, Vec<Value>));
+
+/// Rows larger than this are compacted ([`lambda_core::merge::compact_row`]) for the online
+/// store, whose items are limited (DynamoDB: 400 KB); the full row is kept offline.
+pub const COMPACT_OVER: usize = 256 * 1024;
 
 fn date_of(day_ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(day_ms)
@@ -629,6 +651,30 @@ pub async fn run(
         }
         plans.push((*day, dir, files, inputs, todo));
     }
+    // What the online batch view already reflects decides what this run rewrites: the entities
+    // with a new or changed day, or everything (a rebuild) when there is nothing to build on.
+    let day_files: BTreeMap<String, Vec<(String, u64)>> =
+        plans.iter().map(|p| (date_of(p.0), p.2.clone())).collect();
+    let committed = read_commit(view, &opts.offline, store).await?;
+    let fingerprint = view_fingerprint(view);
+    let rebuild = rebuild_reason(opts, committed.as_ref(), &fingerprint, &day_files);
+    let changed: BTreeSet<i64> = days
+        .iter()
+        .copied()
+        .filter(|d| {
+            rebuild.is_some()
+                || committed.as_ref().and_then(|p| p.days.get(&date_of(*d)))
+                    != day_files.get(&date_of(*d))
+        })
+        .collect();
+    match &rebuild {
+        Some(why) => {
+            tracing::info!(view = %view.name, reason = %why, "Rebuilding every batch row.")
+        }
+        None => {
+            tracing::info!(view = %view.name, changed_days = changed.len(), "Rewriting the rows of entities with new or changed days.")
+        }
+    }
     // 2. Compute the days that need it, a few at once (one day's file is too small to keep both
     //    cores busy); results are applied in day order.
     let ctx = &ctx;
@@ -667,7 +713,8 @@ pub async fn run(
         },
     ))
     .buffered(DAYS_AT_ONCE);
-    // 3. Gather every partial the rows need, in day order.
+    // 3. Gather the partials of the days that changed since the committed batch view (every
+    //    day on a rebuild), in day order.
     let mut n = 0;
     while let Some(result) = computed.next().await {
         let (day, done) = result?;
@@ -697,6 +744,9 @@ pub async fn run(
             }
             None => summary.days_reused += 1,
         }
+        if !changed.contains(&day) {
+            continue;
+        }
         for (tier, from, to) in needs.iter().filter(|t| t.0 != Tier::Tile) {
             if day + DAY_MS > *from && day < *to {
                 read_partials(
@@ -711,47 +761,110 @@ pub async fn run(
             }
         }
     }
-    tracing::info!(view = %view.name, days = total, computed = summary.days_computed, elapsed_s = started.elapsed().as_secs_f64(), "Partial states ready.");
+    tracing::info!(view = %view.name, days = total, computed = summary.days_computed, changed = changed.len(), elapsed_s = started.elapsed().as_secs_f64(), "Partial states ready.");
 
-    // Batch rows, finalized features, upload.
-    let aggs = view.aggs();
-    let expires = c.div_euclid(1000) + opts.row_ttl_days * 86_400;
-    // Rows are independent: build them on every core (order is kept: chunks are concatenated).
+    // 4. The entities whose features may have moved since the committed view without a change
+    //    of their own data: a bucket of theirs left a window.
+    let leaving = match &committed {
+        Some(prev) if c > prev.cutoff_ms => {
+            leaving_entities(view, &opts.offline, prev.cutoff_ms, c).await?
+        }
+        _ => BTreeSet::new(),
+    };
+    // 5. Rows of the changed entities (their previous rows spliced with their new days, without
+    //    decoding a state), and features for them and the leaving ones.
+    // Compacted rows are rewritten every night (their validity is short), from their full rows.
+    let mut full_prev: HashMap<String, Vec<u8>> = HashMap::new();
+    if rebuild.is_none()
+        && let Some(prev) = &committed
+        && let Some(rel) = &prev.full_rows
+    {
+        full_prev = read_full_rows(&opts.offline, rel).await?;
+        for e in full_prev.keys() {
+            rows.by_entity.entry(e.clone()).or_default();
+        }
+    }
     let arrays = &rows.arrays;
-    let mut rows: Vec<(String, Vec<PartialBlob>)> = rows.by_entity.into_iter().collect();
-    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut changed_rows: Vec<(String, Vec<PartialBlob>)> = rows.by_entity.into_iter().collect();
+    changed_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let only_leaving: Vec<String> = {
+        let changed_set: BTreeSet<&str> = changed_rows.iter().map(|r| r.0.as_str()).collect();
+        leaving
+            .iter()
+            .filter(|e| !changed_set.contains(e.as_str()))
+            .cloned()
+            .collect()
+    };
+    // Previous rows: of the changed entities (to splice) and of the leaving ones (for their
+    // features). A rebuild starts from nothing.
+    let old: HashMap<String, Vec<u8>> = if rebuild.is_none() {
+        let keys: Vec<ItemKey> = changed_rows
+            .iter()
+            .map(|r| r.0.as_str())
+            .chain(only_leaving.iter().map(String::as_str))
+            .map(|e| ItemKey::batch(&view.name, e))
+            .collect();
+        let mut old = HashMap::with_capacity(keys.len());
+        for chunk in keys.chunks(5_000) {
+            for (k, item) in chunk.iter().zip(store.batch_get(chunk).await?) {
+                if let Some(item) = item {
+                    let entity = k.pk[view.name.len() + 1..].to_string();
+                    old.insert(entity, item.data);
+                }
+            }
+        }
+        old.extend(full_prev);
+        old
+    } else {
+        HashMap::new()
+    };
+    tracing::info!(view = %view.name, changed = changed_rows.len(), leaving = only_leaving.len(), previous_rows = old.len(), elapsed_s = started.elapsed().as_secs_f64(), "Previous rows read.");
+    let aggs = view.aggs();
+    let max_reach = row_tiers(view)
+        .into_iter()
+        .map(|t| tier_reach(view, t).millis())
+        .max()
+        .unwrap_or(0);
+    // A row is kept until its newest data has left every window, plus the configured days.
+    let expires = (c + max_reach).div_euclid(1000) + opts.row_ttl_days * 86_400;
+    let replaced = |tier: Tier, start: i64| {
+        tier == Tier::Tile || changed.contains(&tile_start(start, lambda_core::Span::days(1)))
+    };
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
-    let chunk = rows.len().div_ceil(threads).max(1);
+    let chunk = changed_rows.len().div_ceil(threads).max(1);
+    let (old, replaced) = (&old, &replaced);
     let built: Vec<Result<Vec<BuiltRow>, BatchError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = rows
+        let handles: Vec<_> = changed_rows
             .chunks(chunk)
             .map(|part| {
                 let aggs = &aggs;
                 scope.spawn(move || {
                     let mut out = Vec::with_capacity(part.len());
                     for (entity, parts) in part {
-                        let partials = parts
+                        let fresh: Vec<(Tier, i64, &[u8])> = parts
                             .iter()
-                            .map(|(tier, start_ms, array, row)| {
-                                let blob = arrays[*array as usize].value(*row as usize);
-                                Ok(Partial {
-                                    tier: *tier,
-                                    start_ms: *start_ms,
-                                    states: lambda_core::agg::decode_states(aggs, blob)?,
-                                })
+                            .map(|(tier, start, array, row)| {
+                                (*tier, *start, arrays[*array as usize].value(*row as usize))
                             })
-                            .collect::<Result<Vec<_>, lambda_core::agg::AggError>>()?;
-                        let row = build_batch_row(view, c, &partials);
-                        let features = features_at_cutoff(view, &row)?;
+                            .collect();
+                        let prev = old.get(entity).map(|b| RowBlobs::parse(b)).transpose()?;
+                        let data = splice_row(view, c, prev.as_ref(), replaced, &fresh);
+                        let features = encoded_row_features_at(view, &RowBlobs::parse(&data)?, c)?;
+                        let (data, full) = if data.len() > opts.compact_over {
+                            let row = BatchRow::decode(aggs, &data)?;
+                            (compact_row(view, &row).encode(aggs), Some(data))
+                        } else {
+                            (data, None)
+                        };
                         let item = Item {
                             key: ItemKey::batch(&view.name, entity),
-                            data: row.encode(aggs),
+                            data,
                             guard: None,
                             expires_at: Some(expires),
                         };
-                        out.push((item, (entity.clone(), features)));
+                        out.push((Some(item), full, (entity.clone(), features)));
                     }
                     Ok(out)
                 })
@@ -768,21 +881,61 @@ pub async fn run(
             })
             .collect()
     });
-    let mut items = Vec::with_capacity(rows.len());
-    let mut feature_rows: Vec<(String, Vec<Value>)> = Vec::with_capacity(rows.len());
+    let mut items = Vec::with_capacity(changed_rows.len());
+    let mut feature_rows: Vec<(String, Vec<Value>)> =
+        Vec::with_capacity(changed_rows.len() + only_leaving.len());
+    let mut full_rows: Vec<(String, Vec<u8>)> = Vec::new();
     for part in built {
-        for (item, f) in part? {
-            summary.row_bytes += item.data.len() as u64;
-            items.push(item);
+        for (item, full, f) in part? {
+            if let Some(item) = item {
+                summary.row_bytes += item.data.len() as u64;
+                if let Some(full) = full {
+                    full_rows.push((f.0.clone(), full));
+                }
+                items.push(item);
+            }
             feature_rows.push(f);
         }
     }
-    summary.entities = items.len();
-    tracing::info!(view = %view.name, entities = items.len(), elapsed_s = started.elapsed().as_secs_f64(), "Batch rows built.");
+    summary.compacted = full_rows.len();
+    // Entities that only had a bucket leave a window: their rows stay (they are exact at every
+    // later time); their features at this cutoff come from them. On a rebuild they have no data
+    // inside any window any more: an empty row records it.
+    for entity in &only_leaving {
+        let features = match old.get(entity) {
+            Some(data) => encoded_row_features_at(view, &RowBlobs::parse(data)?, c)?,
+            None => {
+                let data = splice_row(view, c, None, |_, _| true, &[]);
+                let features = encoded_row_features_at(view, &RowBlobs::parse(&data)?, c)?;
+                if rebuild.is_some() {
+                    summary.row_bytes += data.len() as u64;
+                    items.push(Item {
+                        key: ItemKey::batch(&view.name, entity),
+                        data,
+                        guard: None,
+                        expires_at: Some(expires),
+                    });
+                }
+                features
+            }
+        };
+        feature_rows.push((entity.clone(), features));
+    }
+    feature_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    summary.entities = changed_rows.len();
+    summary.features_written = feature_rows.len();
+    summary.rebuild = rebuild.clone();
+    tracing::info!(view = %view.name, rows = items.len(), features = feature_rows.len(), elapsed_s = started.elapsed().as_secs_f64(), "Batch rows built.");
     if let Some(file) = &view.batch.sql {
         let hand = hand_written_features(ctx, opts, file).await?;
-        let ours: BTreeMap<&str, &Vec<Value>> =
-            feature_rows.iter().map(|(e, v)| (e.as_str(), v)).collect();
+        // Compared on the entities with data (a rebuild: every one); entities whose data all left
+        // the windows are not rows of the hand-written SQL.
+        let with_data: BTreeSet<&str> = changed_rows.iter().map(|r| r.0.as_str()).collect();
+        let ours: BTreeMap<&str, &Vec<Value>> = feature_rows
+            .iter()
+            .filter(|(e, _)| with_data.contains(e.as_str()))
+            .map(|(e, v)| (e.as_str(), v))
+            .collect();
         let drift = hand
             .iter()
             .filter(|(e, v)| ours.get(e.as_str()).is_none_or(|o| !same_values(o, v)))
@@ -814,7 +967,265 @@ pub async fn run(
         .map_err(|_| BatchError::Config("encoding the features file panicked (a bug)".into()))??;
     opts.offline.put(&features_rel, parquet).await?;
     tracing::info!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Offline features written.");
+    // Only now does the online view reflect this run: the next one builds on it.
+    let id = format!(
+        "{}-{}-{}",
+        date_of(c),
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let full_rel = (!full_rows.is_empty()).then(|| format!("{base}/view/full-rows-{id}.bin"));
+    if let Some(rel) = &full_rel {
+        let mut w = lambda_core::codec::Writer::default();
+        w.u64(full_rows.len() as u64);
+        for (e, data) in &full_rows {
+            w.bytes(e.as_bytes());
+            w.bytes(data);
+        }
+        opts.offline.put(rel, w.buf).await?;
+    }
+    let commit = Commit {
+        id,
+        cutoff_ms: c,
+        fingerprint,
+        days: day_files,
+        full_rows: full_rel,
+    };
+    write_commit(view, &opts.offline, store, &commit).await?;
+    // The previous full rows are not needed any more.
+    if let Some(rel) = committed.as_ref().and_then(|p| p.full_rows.as_ref())
+        && Some(rel) != commit.full_rows.as_ref()
+    {
+        opts.offline.delete(rel).await?;
+    }
     Ok(summary)
+}
+
+/// What the online batch view reflects, recorded after a run's rows and features are written:
+/// at `<offline>/<view>/view/_commit.json`, and its id in the online store (so a run pointed at
+/// another store, or after a crash between the two writes, rebuilds instead of building on rows
+/// that are not there).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Commit {
+    /// Unique per run.
+    id: String,
+    /// The run's cutoff.
+    cutoff_ms: i64,
+    /// [`view_fingerprint`] of the view the rows were built with.
+    fingerprint: String,
+    /// Per history day (`YYYY-MM-DD`) the rows were built from: its Parquet files (name, size).
+    days: BTreeMap<String, Vec<(String, u64)>>,
+    /// The offline file holding the full rows of the entities whose online rows are compacted.
+    #[serde(default)]
+    full_rows: Option<String>,
+}
+
+/// Reads a full-rows file written by [`run`]: (entity, full encoded row) pairs.
+async fn read_full_rows(
+    offline: &Location,
+    rel: &str,
+) -> Result<HashMap<String, Vec<u8>>, BatchError> {
+    let bad = |message: String| BatchError::Parquet {
+        url: offline.url_of(rel),
+        message,
+    };
+    let Some(data) = offline.get(rel).await? else {
+        return Err(bad("the committed full-rows file is missing".into()));
+    };
+    let mut r = lambda_core::codec::Reader::new(&data);
+    let n = r.u64().map_err(|e| bad(e.to_string()))?;
+    let mut out = HashMap::new();
+    for _ in 0..n {
+        let e = r.str().map_err(|e| bad(e.to_string()))?.to_string();
+        let row = r.bytes().map_err(|e| bad(e.to_string()))?.to_vec();
+        out.insert(e, row);
+    }
+    Ok(out)
+}
+
+fn commit_rel(view: &FeatureView) -> String {
+    format!("{}/view/_commit.json", view.name)
+}
+
+/// The online store's record of the last commit: a key no entity's row can have.
+fn commit_key(view: &FeatureView) -> ItemKey {
+    ItemKey::new(ItemKey::partition(&view.name, ""), "batch-commit")
+}
+
+/// The committed view, if the offline record and the online store agree on it.
+async fn read_commit(
+    view: &FeatureView,
+    offline: &Location,
+    store: &dyn OnlineStore,
+) -> Result<Option<Commit>, BatchError> {
+    let Some(bytes) = offline.get(&commit_rel(view)).await? else {
+        return Ok(None);
+    };
+    let commit: Commit = match serde_json::from_slice(&bytes) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(file = %offline.url_of(&commit_rel(view)), error = %e, "Unreadable commit record: rebuilding every row.");
+            return Ok(None);
+        }
+    };
+    let online = store.get(&commit_key(view)).await?;
+    Ok(online
+        .is_some_and(|i| i.data == commit.id.as_bytes())
+        .then_some(commit))
+}
+
+async fn write_commit(
+    view: &FeatureView,
+    offline: &Location,
+    store: &dyn OnlineStore,
+    commit: &Commit,
+) -> Result<(), BatchError> {
+    let json = serde_json::to_vec_pretty(commit).map_err(|e| BatchError::Config(e.to_string()))?;
+    offline.put(&commit_rel(view), json).await?;
+    store
+        .put(
+            &Item {
+                key: commit_key(view),
+                data: commit.id.as_bytes().to_vec(),
+                guard: None,
+                expires_at: None,
+            },
+            lambda_store::Condition::Always,
+        )
+        .await?;
+    Ok(())
+}
+
+/// A hash of everything the stored rows' meaning depends on (row format, source, aggregations,
+/// windows, tile width): a different one means the rows cannot be built on.
+fn view_fingerprint(view: &FeatureView) -> String {
+    let text = format!(
+        "{}|{:?}|{:?}|{:?}",
+        lambda_core::merge::BATCH_ROW_VERSION,
+        view.source,
+        view.aggregations,
+        view.speed.tile
+    );
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
+}
+
+/// Why this run must rebuild every row instead of rewriting only the entities whose days
+/// changed; `None` if it can build on the committed view.
+fn rebuild_reason(
+    opts: &RunOptions,
+    committed: Option<&Commit>,
+    fingerprint: &str,
+    day_files: &BTreeMap<String, Vec<(String, u64)>>,
+) -> Option<String> {
+    let view = &opts.view;
+    if opts.full {
+        return Some("--full".into());
+    }
+    if view.batch.sql.is_some() {
+        return Some("the view has hand-written SQL (it reads every day)".into());
+    }
+    if !row_tiers(view).iter().any(|t| *t != Tier::Tile) {
+        return Some("the view has no window of a day or more (nothing is stored)".into());
+    }
+    let Some(prev) = committed else {
+        return Some("no committed batch view in this offline store and online store".into());
+    };
+    if prev.fingerprint != fingerprint {
+        return Some("the view definition changed since the committed batch view".into());
+    }
+    if opts.cutoff_ms < prev.cutoff_ms {
+        return Some(format!(
+            "the cutoff is before the committed view's ({})",
+            format_ts(prev.cutoff_ms)
+        ));
+    }
+    // Late files only add events; a file removed or rewritten may remove an entity from a day,
+    // which only a rebuild notices.
+    for (date, files) in day_files {
+        if let Some(old) = prev.days.get(date)
+            && !old.iter().all(|f| files.contains(f))
+        {
+            return Some(format!("history of {date} lost or rewrote a file"));
+        }
+    }
+    None
+}
+
+/// The entities with a bucket that leaves one of the view's windows between the committed
+/// cutoff and `cutoff` (their features change without a change of their data), from the
+/// stored partial files: day files for day windows, hour files for hour windows and for tile
+/// windows (day files when the view has no hour tier, a superset).
+async fn leaving_entities(
+    view: &FeatureView,
+    offline: &Location,
+    prev_cutoff: i64,
+    cutoff: i64,
+) -> Result<BTreeSet<String>, BatchError> {
+    let tiers = row_tiers(view);
+    let mut out = BTreeSet::new();
+    for w in lambda_core::merge::distinct_windows(view) {
+        let tier = Tier::of_window(w);
+        let source = match tier {
+            Tier::Tile if tiers.contains(&Tier::Hour) => Tier::Hour,
+            Tier::Tile => Tier::Day,
+            t => t,
+        };
+        let width = source.width(view).millis();
+        let (from, to) = (prev_cutoff - w.millis(), cutoff - w.millis());
+        let mut day = tile_start(from, lambda_core::Span::days(1));
+        while day < to {
+            let rel = format!(
+                "{}/partials/tier={}/date={}/part-0.parquet",
+                view.name,
+                source.name(),
+                date_of(day)
+            );
+            if let Some(data) = offline.get(&rel).await? {
+                let url = offline.url_of(&rel);
+                let perr = |e: &dyn std::fmt::Display| BatchError::Parquet {
+                    url: url.clone(),
+                    message: e.to_string(),
+                };
+                let builder =
+                    ParquetRecordBatchReaderBuilder::try_new(data).map_err(|e| perr(&e))?;
+                let mask = datafusion::parquet::arrow::ProjectionMask::roots(
+                    builder.parquet_schema(),
+                    [0, 1],
+                );
+                for b in builder
+                    .with_projection(mask)
+                    .build()
+                    .map_err(|e| perr(&e))?
+                {
+                    let b = b.map_err(|e| perr(&e))?;
+                    let bad = || BatchError::Schema {
+                        url: url.clone(),
+                        message: "expected `entity` Utf8 and `start` timestamp columns".into(),
+                    };
+                    let entities = b
+                        .column(0)
+                        .as_any()
+                        .downcast_ref::<datafusion::arrow::array::StringArray>()
+                        .ok_or_else(bad)?;
+                    let starts = b
+                        .column(1)
+                        .as_any()
+                        .downcast_ref::<datafusion::arrow::array::TimestampMillisecondArray>()
+                        .ok_or_else(bad)?;
+                    for i in 0..b.num_rows() {
+                        let s = starts.value(i);
+                        if s < to && s + width > from && !out.contains(entities.value(i)) {
+                            out.insert(entities.value(i).to_string());
+                        }
+                    }
+                }
+            }
+            day += DAY_MS;
+        }
+    }
+    Ok(out)
 }
 
 /// Equal feature values; floats within 1e-9 relative (engines sum in different orders).

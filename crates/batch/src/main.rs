@@ -146,7 +146,9 @@ struct RunArgs {
     /// for each cutoff, for training sets; the online store ends with the last night's rows).
     #[arg(long)]
     from: Option<String>,
-    /// Days a batch row stays in the online store after its cutoff (its TTL).
+    /// Days a batch row stays in the online store after its newest data has left every window
+    /// (its TTL is the cutoff + the longest window + these days). Rows of entities whose data did
+    /// not change are not rewritten: they stay exact until then.
     #[arg(long, default_value_t = 7)]
     row_ttl_days: i64,
 }
@@ -295,6 +297,7 @@ fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
             cutoff_ms: first_cutoff,
             full: args.full,
             row_ttl_days: args.row_ttl_days,
+            compact_over: lambda_batch::job::COMPACT_OVER,
         };
         while opts.cutoff_ms <= last_cutoff {
         let cutoff_ms = opts.cutoff_ms;
@@ -319,10 +322,15 @@ fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
             eprintln!();
         }
         println!(
-            "view {} cutoff {}: {} entities, {} days computed, {} reused, {} rows / {:.1} MB read, {:.1} MB of batch rows, {:.1} s",
+            "view {} cutoff {}: {} batch rows written ({}), {} feature rows, {} days computed, {} reused, {} rows / {:.1} MB read, {:.1} MB of batch rows, {:.1} s",
             view.name,
             format_ts(cutoff_ms),
             summary.entities,
+            match &summary.rebuild {
+                Some(why) => format!("every entity: {why}"),
+                None => "entities with new or changed days".into(),
+            },
+            summary.features_written,
             summary.days_computed,
             summary.days_reused,
             summary.rows_in,
@@ -379,9 +387,9 @@ fn show(view: PathBuf, store: PathBuf, entities: Vec<String>) -> anyhow::Result<
         let row = BatchRow::decode(&aggs, &item.data)?;
         let values = features_at(&v, Some(&row), &[], row.cutoff_ms)?;
         println!(
-            "{e} (batch row: cutoff {}, {} windows, {} bytes)",
+            "{e} (batch row: cutoff {}, {} buckets, {} bytes)",
             format_ts(row.cutoff_ms),
-            row.windows.len(),
+            row.tiers.iter().map(|t| t.buckets.len()).sum::<usize>(),
             item.data.len()
         );
         for (f, val) in v.features().iter().zip(values) {
@@ -492,6 +500,7 @@ fn schedule(
                         cutoff_ms: last_midnight(scheduled) + view.batch.cutoff_offset.millis(),
                         full: false,
                         row_ttl_days: 7,
+                        compact_over: lambda_batch::job::COMPACT_OVER,
                         view,
                     };
                     let region = std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into());

@@ -238,6 +238,14 @@ impl Location {
             .map_err(self.err(rel))
     }
 
+    /// Deletes the object `rel` (absent is fine).
+    pub async fn delete(&self, rel: &str) -> Result<(), StorageError> {
+        match self.store.delete(&self.path(rel)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err(rel)(e)),
+        }
+    }
+
     /// Checks the location can be listed (reachable, permitted).
     pub async fn check(&self) -> Result<(), StorageError> {
         self.store

@@ -31,7 +31,7 @@ fn data() -> Data {
     let cfg = GenConfig {
         events: 40_000,
         days: 35,
-        users: 120,
+        users: 1_500,
         seed: 11,
         ..GenConfig::default()
     };
@@ -82,6 +82,7 @@ async fn run_at(
         cutoff_ms: cutoff,
         full,
         row_ttl_days: 3650,
+        compact_over: lambda_batch::job::COMPACT_OVER,
     };
     run(&opts, store, |_| {}).await.unwrap()
 }
@@ -101,7 +102,7 @@ async fn rows(store: &dyn OnlineStore, entities: &[String]) -> BTreeMap<String, 
 }
 
 fn users() -> Vec<String> {
-    (0..120).map(|u| format!("u{u:07}")).collect()
+    (0..1_500).map(|u| format!("u{u:07}")).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,75 +140,189 @@ async fn full_and_incremental_runs_agree_and_reruns_are_idempotent() {
     );
     assert_eq!(a.len(), s.entities);
     assert_equivalent(&a, &b, "full vs incremental");
-    let feats = |dir: &str| {
-        std::fs::read(
-            tmp.path()
-                .join(dir)
-                .join("fraud_user/features/cutoff=2026-01-01/part-0.parquet"),
-        )
-        .unwrap()
-    };
-    assert!(!feats("off-full").is_empty() && !feats("off-inc").is_empty());
+    // The night rewrote only the entities with events that day; the others kept older rows.
+    assert!(last.rebuild.is_none(), "{last:?}");
+    assert!(
+        last.entities * 2 < s.entities && last.entities > 0,
+        "{last:?} vs {s:?}"
+    );
+    let aggs = view().aggs();
+    let kept = b
+        .values()
+        .filter(|i| BatchRow::decode(&aggs, &i.data).unwrap().cutoff_ms < d.end)
+        .count();
+    assert!(kept > 0, "no entity kept an older row");
+    // Offline features: the night wrote the entities whose features changed; read as of the
+    // cutoff (the latest row of each entity), they equal the full run's snapshot.
+    let (off_full, off_inc) = (
+        local(&tmp.path().join("off-full")),
+        local(&tmp.path().join("off-inc")),
+    );
+    let full_feats = offline_features(&off_full, "2026-01-01").await;
+    let mut as_of = BTreeMap::new();
+    for cutoff in ["2025-12-30", "2025-12-31", "2026-01-01"] {
+        as_of.extend(offline_features(&off_inc, cutoff).await);
+    }
+    let delta = offline_features(&off_inc, "2026-01-01").await;
+    assert!(
+        delta.len() < full_feats.len(),
+        "{} of {}",
+        delta.len(),
+        full_feats.len()
+    );
+    let empty = features_at(&view(), None, &[], d.end).unwrap();
+    for (e, got) in &as_of {
+        let want = full_feats.get(e).unwrap_or(&empty);
+        assert!(same_features(got, want), "{e}: {got:?} vs {want:?}");
+    }
+    assert!(full_feats.keys().all(|e| as_of.contains_key(e)));
     // Rerun of the same night: the same rows.
     run_into(&d, &tmp.path().join("off-inc"), &inc_store, d.end, false).await;
     assert_equivalent(&rows(&inc_store, &users()).await, &a, "rerun");
 }
 
-/// Same entities, cutoffs, buckets and states: exact states byte for byte, float states (sums of
-/// floats, moments) within 1e-9 relative — DataFusion merges partial aggregates in whatever order
-/// its threads finish, so float bits may differ between runs.
-fn assert_equivalent(a: &BTreeMap<String, Item>, b: &BTreeMap<String, Item>, what: &str) {
-    use lambda_core::agg::{AggState, encode_states};
-    let aggs = view().aggs();
-    assert_eq!(
-        a.keys().collect::<Vec<_>>(),
-        b.keys().collect::<Vec<_>>(),
-        "{what}: entities differ"
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_entities_get_compacted_rows_that_serve_the_same_until_the_next_night() {
+    use lambda_core::merge::{COMPACT_VALIDITY, MergeError};
+    let d = data();
+    let tmp = tempfile::tempdir().unwrap();
+    let full_store = EmbeddedStore::open(tmp.path().join("full.redb")).unwrap();
+    let inc_store = EmbeddedStore::open(tmp.path().join("inc.redb")).unwrap();
+    let opts = |offline: &str, cutoff: i64, full: bool, compact_over: usize| RunOptions {
+        view: view(),
+        history: local(&d.root.join("history")),
+        offline: local(&tmp.path().join(offline)),
+        cutoff_ms: cutoff,
+        full,
+        row_ttl_days: 3650,
+        compact_over,
+    };
+    let s = run(
+        &opts("off-full", d.end, true, usize::MAX),
+        &full_store,
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.compacted, 0);
+    // Nights with a low limit: the busiest entities get compacted rows, rebuilt every night
+    // from their full rows kept offline.
+    let mut last = RunSummary::default();
+    for back in [2, 1, 0] {
+        last = run(
+            &opts("off-inc", d.end - back * DAY_MS, false, 1_500),
+            &inc_store,
+            |_| {},
+        )
+        .await
+        .unwrap();
+    }
+    assert!(last.rebuild.is_none() && last.compacted > 0, "{last:?}");
+    let (a, b) = (
+        rows(&full_store, &users()).await,
+        rows(&inc_store, &users()).await,
     );
-    for (e, ia) in a {
-        let (ra, rb) = (
-            BatchRow::decode(&aggs, &ia.data).unwrap(),
-            BatchRow::decode(&aggs, &b[e].data).unwrap(),
-        );
-        assert_eq!(ra.cutoff_ms, rb.cutoff_ms, "{what}: {e}");
-        assert_eq!(ra.windows.len(), rb.windows.len(), "{what}: {e} windows");
-        for (wa, wb) in ra.windows.iter().zip(&rb.windows) {
-            assert_eq!(wa.window, wb.window);
-            let starts =
-                |w: &lambda_core::merge::WindowPart| w.tail.iter().map(|t| t.0).collect::<Vec<_>>();
-            assert_eq!(starts(wa), starts(wb), "{what}: {e}");
-            let pairs = wa
-                .tail
+    assert_equivalent_until(&a, &b, "compacted vs full", COMPACT_VALIDITY.millis());
+    let aggs = view().aggs();
+    let compacted: Vec<BatchRow> = b
+        .values()
+        .map(|i| BatchRow::decode(&aggs, &i.data).unwrap())
+        .filter(|r| {
+            r.tiers
                 .iter()
-                .map(|t| &t.1)
-                .zip(wb.tail.iter().map(|t| &t.1))
-                .chain(std::iter::once((&wa.rest, &wb.rest)));
-            for (sa_all, sb_all) in pairs {
-                for (k, ag) in aggs.iter().enumerate() {
-                    let (sa, sb) = (&sa_all[k], &sb_all[k]);
-                    let ok = match (sa, sb) {
-                        (
-                            AggState::Moments { n, mean, m2 },
-                            AggState::Moments {
-                                n: n2,
-                                mean: mean2,
-                                m2: m22,
-                            },
-                        ) => n == n2 && close(*mean, *mean2) && close(*m2, *m22),
-                        (AggState::SumFloat { sum, n }, AggState::SumFloat { sum: s2, n: n2 }) => {
-                            n == n2 && close(*sum, *s2)
-                        }
-                        _ => {
-                            encode_states(std::slice::from_ref(ag), std::slice::from_ref(sa))
-                                == encode_states(std::slice::from_ref(ag), std::slice::from_ref(sb))
-                        }
-                    };
-                    assert!(
-                        ok,
-                        "{what}: {e} window {} {}: {sa:?} vs {sb:?}",
-                        wa.window, ag.name
-                    );
-                }
+                .any(|t| t.buckets.iter().any(|x| x.1 - x.0 > DAY_MS))
+        })
+        .collect();
+    assert!(!compacted.is_empty());
+    for r in &compacted {
+        assert_eq!(
+            r.cutoff_ms, d.end,
+            "a compacted row is rewritten every night"
+        );
+        // Valid until the next night; later, some window cuts a merged run and it refuses.
+        let stale_later = (3..=60).any(|k| {
+            matches!(
+                features_at(&view(), Some(r), &[], d.end + k * DAY_MS + HOUR_MS),
+                Err(MergeError::Stale { .. })
+            )
+        });
+        assert!(stale_later);
+    }
+    // Their offline features come from the full rows: equal to the full run's.
+    let full_feats = offline_features(&local(&tmp.path().join("off-full")), "2026-01-01").await;
+    let inc_feats = offline_features(&local(&tmp.path().join("off-inc")), "2026-01-01").await;
+    for (e, got) in &inc_feats {
+        if let Some(want) = full_feats.get(e) {
+            assert!(same_features(got, want), "{e}: {got:?} vs {want:?}");
+        }
+    }
+}
+
+fn same_features(a: &[Value], b: &[Value]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| match (x, y) {
+            (Value::Float(x), Value::Float(y)) => close(*x, *y),
+            _ => x == y,
+        })
+}
+
+/// Two batch views serve the same features: for every entity of either, at times from the later
+/// cutoff to past the longest window (no speed tiles: these tests have no events after the
+/// cutoff), floats within 1e-9 relative (DataFusion merges partial aggregates in whatever order
+/// its threads finish). The rows themselves may differ: an entity whose data did not change keeps
+/// its older row, which serves the same.
+fn assert_equivalent(a: &BTreeMap<String, Item>, b: &BTreeMap<String, Item>, what: &str) {
+    assert_equivalent_until(a, b, what, i64::MAX)
+}
+
+/// [`assert_equivalent`] at the times before `cutoff + horizon_ms` only.
+fn assert_equivalent_until(
+    a: &BTreeMap<String, Item>,
+    b: &BTreeMap<String, Item>,
+    what: &str,
+    horizon_ms: i64,
+) {
+    let v = view();
+    let aggs = v.aggs();
+    let decode = |m: &BTreeMap<String, Item>, e: &str| {
+        m.get(e).map(|i| BatchRow::decode(&aggs, &i.data).unwrap())
+    };
+    let entities: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    assert!(!entities.is_empty(), "{what}: no rows");
+    let cutoff = a
+        .values()
+        .chain(b.values())
+        .map(|i| BatchRow::decode(&aggs, &i.data).unwrap().cutoff_ms)
+        .max()
+        .unwrap();
+    for e in entities {
+        let (ra, rb) = (decode(a, e), decode(b, e));
+        for dt in [
+            0,
+            HOUR_MS + 5 * MINUTE_MS,
+            13 * HOUR_MS,
+            DAY_MS + 7 * HOUR_MS,
+            29 * DAY_MS,
+            89 * DAY_MS + 3 * HOUR_MS,
+            95 * DAY_MS,
+        ]
+        .into_iter()
+        .filter(|dt| *dt < horizon_ms)
+        {
+            let t = cutoff + dt;
+            let fa = features_at(&v, ra.as_ref(), &[], t).unwrap();
+            let fb = features_at(&v, rb.as_ref(), &[], t).unwrap();
+            for (k, (x, y)) in fa.iter().zip(&fb).enumerate() {
+                let ok = match (x, y) {
+                    (Value::Float(x), Value::Float(y)) => close(*x, *y),
+                    _ => x == y,
+                };
+                assert!(
+                    ok,
+                    "{what}: {e} {} at cutoff + {} h: {x:?} vs {y:?}",
+                    v.features()[k].name,
+                    dt / HOUR_MS
+                );
             }
         }
     }
@@ -440,6 +555,7 @@ async fn hand_written_sql_writes_the_offline_features() {
             cutoff_ms: d.end,
             full: false,
             row_ttl_days: 3650,
+            compact_over: lambda_batch::job::COMPACT_OVER,
         };
         let store = &store;
         async move { (run(&opts, store, |_| {}).await, opts.offline) }
@@ -537,6 +653,7 @@ async fn bad_history_files_are_named() {
         cutoff_ms: d.end,
         full: false,
         row_ttl_days: 3650,
+        compact_over: lambda_batch::job::COMPACT_OVER,
     };
     let e = run(&opts, &store, |_| {}).await.unwrap_err();
     assert!(matches!(e, BatchError::Parquet { .. }), "{e}");
@@ -727,6 +844,7 @@ async fn unreachable_history_is_named() {
             cutoff_ms: 1_767_225_600_000,
             full: false,
             row_ttl_days: 3650,
+            compact_over: lambda_batch::job::COMPACT_OVER,
         };
         let e = run(&opts, &store, |_| {}).await.unwrap_err();
         let msg = format!("{e}");

@@ -755,6 +755,48 @@ impl Aggregation {
         };
         read(r).map_err(codec)
     }
+
+    /// Merges an encoded state (as [`Aggregation::decode`] reads it) into `state`: the same
+    /// result as decoding it and calling [`Aggregation::merge`], but a distinct set's values are
+    /// added straight from the bytes (a string already present allocates nothing).
+    pub fn merge_encoded(&self, state: &mut AggState, r: &mut Reader<'_>) -> Result<(), AggError> {
+        let AggState::Distinct(set) = state else {
+            let other = self.decode(r)?;
+            self.merge(state, &other);
+            return Ok(());
+        };
+        let codec = |source| AggError::Codec {
+            aggregation: self.name.clone(),
+            source,
+        };
+        let tag = r.u8().map_err(codec)?;
+        if tag != b's' {
+            return Err(codec(CodecError::KindMismatch {
+                found: (tag as char).to_string(),
+                expected: "s".into(),
+            }));
+        }
+        let mut read = || -> Result<(), CodecError> {
+            let n = r.u64()? as usize;
+            for _ in 0..n {
+                match r.u8()? {
+                    0 => {
+                        set.nums.insert(r.i128()?);
+                    }
+                    1 => {
+                        let v = r.str()?;
+                        if !set.strs.contains(v) {
+                            set.strs.insert(v.into());
+                        }
+                    }
+                    2 => set.bools[(r.u8()? != 0) as usize] = true,
+                    t => return Err(CodecError::Corrupt(format!("distinct key tag {t}"))),
+                }
+            }
+            Ok(())
+        };
+        read().map_err(codec)
+    }
 }
 
 fn tag_of(s: &AggState) -> u8 {

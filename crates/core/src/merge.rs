@@ -4,27 +4,28 @@
 //!
 //! The batch job computes partial states per bucket in three tiers (tiles of the view's width for
 //! windows with a 5-minute hop, hours for a 1-hour hop, days for a 1-day hop), reaching back
-//! `[C − W, C)` for the longest window of each tier. From them it builds one [`BatchRow`] per
-//! entity: for each window length `W`, the per-hop partials of the tail that slides out while the
-//! row is valid (`[C − W, C − W + ROW_VALIDITY)`), and one merged state for the rest.
+//! `[C − R, C)` where `R` is the longest window of the tier ([`tier_reach`]). A [`BatchRow`] keeps
+//! those buckets as they are, per tier, without merging them: a row is therefore exact at *every*
+//! time after its cutoff, not only the night after it. An entity whose events did not change is
+//! not rewritten by the next night; its row keeps its older cutoff and stays correct, because the
+//! buckets of a window are chosen at lookup time.
 //!
 //! Serving at `t ≥ C` computes window `W` over [`served_range`]`(t, W) = [s, t)`: it merges the
-//! tail partials that start at or after `s` (they align exactly, because `s` is aligned to the hop),
-//! the merged rest, and the speed tiles that start in `[max(s, C), t)`. Speed tiles before `C`
-//! are ignored when a row exists: the batch is the source of truth there (late events included).
-//! Without a batch row, everything comes from speed tiles. Each row carries its own cutoff, so a
-//! lookup while an upload is half done never mixes versions inside one entity.
+//! row's buckets of the window's tier that start at or after `s`, newest first (they align
+//! exactly, because `s` is aligned to the hop), and the speed tiles that start in
+//! `[max(s, C), t)`. Speed tiles before `C` are ignored when a row exists: the batch is the source
+//! of truth there (late events included). Without a batch row, everything comes from speed tiles.
+//! Each row carries its own cutoff, so a lookup while an upload is half done never mixes versions
+//! inside one entity.
 
-use crate::agg::{
-    AggError, AggState, Aggregation, decode_states, empty_states, encode_states, merge_all,
-};
+use crate::agg::{AggError, AggState, Aggregation, decode_states, encode_states, merge_all};
 use crate::codec::{CodecError, Reader, Writer};
 use crate::spec::FeatureView;
 use crate::time::{Span, format_ts, hop, served_range};
 use crate::types::Value;
 
 /// The version byte of an encoded [`BatchRow`].
-pub const BATCH_ROW_VERSION: u8 = 2;
+pub const BATCH_ROW_VERSION: u8 = 3;
 
 /// The three tiers of partial states in a batch row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -90,40 +91,47 @@ pub struct Partial {
     pub states: Vec<AggState>,
 }
 
-/// How long after its cutoff a batch row serves exactly. The nightly job replaces rows daily; a
-/// row older than this is reported as stale instead of silently serving a shifted window.
-pub const ROW_VALIDITY: Span = Span::days(2);
-
-/// What a batch row keeps for one window length `W`.
+/// One tier's buckets in a batch row.
 #[derive(Debug, Clone, PartialEq)]
-pub struct WindowPart {
-    /// The window length.
-    pub window: Span,
-    /// Per-hop partials over the tail `[C − W, min(C, C − W + ROW_VALIDITY))`, ascending: the part
-    /// of the window that slides out while the row is valid.
-    pub tail: Vec<(i64, Vec<AggState>)>,
-    /// Everything else before the cutoff, `[min(C, C − W + ROW_VALIDITY), C)`, merged.
-    pub rest: Vec<AggState>,
+pub struct TierBuckets {
+    /// The tier (gives the bucket width).
+    pub tier: Tier,
+    /// `(start, end, one state per aggregation)`, ascending, inside [`row_range`]: one bucket of
+    /// the tier's width each, except in a compacted row (see [`compact_row`]).
+    pub buckets: Vec<(i64, i64, Vec<AggState>)>,
 }
 
-/// One entity's batch view: for each distinct window length of the view, a sliding tail of
-/// per-hop partials plus one merged state for the rest. Aggregations that do not use a window
-/// carry empty states in it. A busy entity's row stays small: its size grows with the number of
-/// hops in the tail, not with the window length.
+/// One entity's batch view: its cutoff and, for every tier a window of the view uses, the
+/// per-bucket partial states over [`row_range`]. Nothing is merged ahead of time, so the row
+/// serves every time after its cutoff exactly and never goes stale.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchRow {
     /// Events before this instant are covered by the row.
     pub cutoff_ms: i64,
-    /// One entry per distinct window, ascending.
-    pub windows: Vec<WindowPart>,
+    /// One entry per tier with a non-zero [`tier_reach`], in [`Tier::ALL`] order.
+    pub tiers: Vec<TierBuckets>,
+}
+
+/// An encoded bucket: `(start, end, states encoded by [`encode_states`])`.
+pub type EncodedBucket<'a> = (i64, i64, &'a [u8]);
+
+/// A batch row in encoded form, borrowing the encoded states of every bucket: what the nightly
+/// job splices (old buckets of an entity plus its new days) without decoding any state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowBlobs<'a> {
+    /// The row's cutoff.
+    pub cutoff_ms: i64,
+    /// Per tier, `(start, end, states encoded by [`encode_states`])`, ascending.
+    pub tiers: Vec<(Tier, Vec<EncodedBucket<'a>>)>,
 }
 
 /// Why a batch row cannot serve a time.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MergeError {
-    /// The row is older than [`ROW_VALIDITY`] at the time asked (the nightly job is late).
+    /// A compacted row (see [`compact_row`]) merged buckets that a window asked at this time would
+    /// cut: the nightly job is late.
     #[error(
-        "batch row of cutoff {cutoff} cannot serve {at}: it is valid until {valid_until} (the batch job is late)"
+        "batch row of cutoff {cutoff} cannot serve {at}: it is compacted and valid until {valid_until} (the batch job is late)"
     )]
     Stale {
         /// The row's cutoff.
@@ -158,102 +166,183 @@ pub fn distinct_windows(view: &FeatureView) -> Vec<Span> {
     w
 }
 
+/// The tiers a batch row of `view` holds (those with a non-zero reach), in [`Tier::ALL`] order.
+pub fn row_tiers(view: &FeatureView) -> Vec<Tier> {
+    Tier::ALL
+        .into_iter()
+        .filter(|t| tier_reach(view, *t).millis() > 0)
+        .collect()
+}
+
+/// The bucket starts a row of cutoff `C` keeps for `tier`: `[C − reach, C − width]`, returned as
+/// the half-open `[C − reach, C)` (a bucket starting in it ends at or before `C`, because the
+/// cutoff is aligned to every width).
+pub fn row_range(view: &FeatureView, tier: Tier, cutoff_ms: i64) -> (i64, i64) {
+    (cutoff_ms - tier_reach(view, tier).millis(), cutoff_ms)
+}
+
 /// Builds an entity's batch row for `cutoff` from its tier partials (any order; partials outside
-/// what the row needs are ignored).
+/// what the row needs are ignored, partials of the same bucket are merged).
 pub fn build_batch_row(view: &FeatureView, cutoff_ms: i64, partials: &[Partial]) -> BatchRow {
     let aggs = view.aggs();
-    let mut windows = Vec::new();
-    for w in distinct_windows(view) {
-        let tier = Tier::of_window(w);
-        let width = tier.width(view).millis();
-        let head = cutoff_ms - w.millis();
-        let tail_end = cutoff_ms.min(head + ROW_VALIDITY.millis());
-        let uses: Vec<bool> = view
-            .aggregations
-            .iter()
-            .map(|a| a.windows.contains(&w))
-            .collect();
-        let mut tail: Vec<(i64, Vec<AggState>)> = Vec::new();
-        let mut rest = empty_states(&aggs);
-        let mut mine: Vec<&Partial> = partials
-            .iter()
-            .filter(|p| p.tier == tier && p.start_ms >= head && p.start_ms + width <= cutoff_ms)
-            .collect();
-        mine.sort_by_key(|p| p.start_ms);
-        for p in mine {
-            let target = if p.start_ms < tail_end {
-                if tail.last().map(|t| t.0) != Some(p.start_ms) {
-                    tail.push((p.start_ms, empty_states(&aggs)));
-                }
-                &mut tail.last_mut().expect("just pushed").1
-            } else {
-                &mut rest
-            };
-            for (i, a) in aggs.iter().enumerate() {
-                if uses[i] {
-                    a.merge(&mut target[i], &p.states[i]);
+    let tiers = row_tiers(view)
+        .into_iter()
+        .map(|tier| {
+            let (from, to) = row_range(view, tier, cutoff_ms);
+            let mut mine: Vec<&Partial> = partials
+                .iter()
+                .filter(|p| p.tier == tier && p.start_ms >= from && p.start_ms < to)
+                .collect();
+            mine.sort_by_key(|p| p.start_ms);
+            let width = tier.width(view).millis();
+            let mut buckets: Vec<(i64, i64, Vec<AggState>)> = Vec::with_capacity(mine.len());
+            for p in mine {
+                match buckets.last_mut() {
+                    Some((s, _, states)) if *s == p.start_ms => merge_all(&aggs, states, &p.states),
+                    _ => buckets.push((p.start_ms, p.start_ms + width, p.states.clone())),
                 }
             }
-        }
-        windows.push(WindowPart {
-            window: w,
-            tail,
-            rest,
-        });
+            TierBuckets { tier, buckets }
+        })
+        .collect();
+    BatchRow { cutoff_ms, tiers }
+}
+
+fn tier_code(tier: Tier) -> u8 {
+    match tier {
+        Tier::Tile => 0,
+        Tier::Hour => 1,
+        Tier::Day => 2,
     }
-    BatchRow { cutoff_ms, windows }
+}
+
+fn row_err(source: CodecError) -> AggError {
+    AggError::Codec {
+        aggregation: "(batch row)".into(),
+        source,
+    }
+}
+
+impl<'a> RowBlobs<'a> {
+    /// Reads the structure of an encoded row without decoding any state.
+    pub fn parse(bytes: &'a [u8]) -> Result<RowBlobs<'a>, AggError> {
+        let mut r = Reader::new(bytes);
+        let v = r.u8().map_err(row_err)?;
+        if v != BATCH_ROW_VERSION {
+            return Err(row_err(CodecError::UnknownVersion(v, BATCH_ROW_VERSION)));
+        }
+        let cutoff_ms = r.i64().map_err(row_err)?;
+        let n = r.u64().map_err(row_err)? as usize;
+        let mut tiers = Vec::with_capacity(n.min(3));
+        for _ in 0..n {
+            let tier = match r.u8().map_err(row_err)? {
+                0 => Tier::Tile,
+                1 => Tier::Hour,
+                2 => Tier::Day,
+                other => {
+                    return Err(row_err(CodecError::Corrupt(format!(
+                        "unknown tier {other} in a batch row"
+                    ))));
+                }
+            };
+            let k = r.u64().map_err(row_err)? as usize;
+            let mut buckets = Vec::with_capacity(k.min(4096));
+            for _ in 0..k {
+                let start = r.i64().map_err(row_err)?;
+                let end = start + r.i64().map_err(row_err)?;
+                buckets.push((start, end, r.bytes().map_err(row_err)?));
+            }
+            tiers.push((tier, buckets));
+        }
+        if !r.is_empty() {
+            return Err(row_err(CodecError::Corrupt(
+                "trailing bytes after the batch row".into(),
+            )));
+        }
+        Ok(RowBlobs { cutoff_ms, tiers })
+    }
+
+    /// Encodes the row: version, cutoff, then per tier its code and its `(start, length, states)`
+    /// buckets.
+    pub fn encode(&self) -> Vec<u8> {
+        let size: usize = self
+            .tiers
+            .iter()
+            .flat_map(|t| t.1.iter().map(|b| b.2.len() + 16))
+            .sum();
+        let mut w = Writer::default();
+        w.buf.reserve(size + 32);
+        w.u8(BATCH_ROW_VERSION);
+        w.i64(self.cutoff_ms);
+        w.u64(self.tiers.len() as u64);
+        for (tier, buckets) in &self.tiers {
+            w.u8(tier_code(*tier));
+            w.u64(buckets.len() as u64);
+            for (start, end, blob) in buckets {
+                w.i64(*start);
+                w.i64(end - start);
+                w.bytes(blob);
+            }
+        }
+        w.buf
+    }
 }
 
 impl BatchRow {
-    /// Encodes the row: version, cutoff, then per window its length, tail and rest.
+    /// Encodes the row (see [`RowBlobs::encode`]; each bucket's states by [`encode_states`]).
     pub fn encode(&self, aggs: &[Aggregation]) -> Vec<u8> {
-        let mut w = Writer::default();
-        w.u8(BATCH_ROW_VERSION);
-        w.i64(self.cutoff_ms);
-        w.u64(self.windows.len() as u64);
-        for part in &self.windows {
-            w.i64(part.window.millis());
-            w.u64(part.tail.len() as u64);
-            for (start, states) in &part.tail {
-                w.i64(*start);
-                w.bytes(&encode_states(aggs, states));
-            }
-            w.bytes(&encode_states(aggs, &part.rest));
+        type Owned = (i64, i64, Vec<u8>);
+        let blobs: Vec<(Tier, Vec<Owned>)> = self
+            .tiers
+            .iter()
+            .map(|t| {
+                let b = t
+                    .buckets
+                    .iter()
+                    .map(|(s, e, states)| (*s, *e, encode_states(aggs, states)))
+                    .collect();
+                (t.tier, b)
+            })
+            .collect();
+        RowBlobs {
+            cutoff_ms: self.cutoff_ms,
+            tiers: blobs
+                .iter()
+                .map(|(t, b)| {
+                    let b = b.iter().map(|(s, e, v)| (*s, *e, v.as_slice())).collect();
+                    (*t, b)
+                })
+                .collect(),
         }
-        w.buf
+        .encode()
     }
 
     /// Decodes a row written by [`BatchRow::encode`] for the same aggregations.
     pub fn decode(aggs: &[Aggregation], bytes: &[u8]) -> Result<BatchRow, AggError> {
-        let err = |source| AggError::Codec {
-            aggregation: "(batch row)".into(),
-            source,
-        };
-        let mut r = Reader::new(bytes);
-        let v = r.u8().map_err(err)?;
-        if v != BATCH_ROW_VERSION {
-            return Err(err(CodecError::UnknownVersion(v, BATCH_ROW_VERSION)));
-        }
-        let cutoff_ms = r.i64().map_err(err)?;
-        let n = r.u64().map_err(err)? as usize;
-        let mut windows = Vec::with_capacity(n.min(64));
-        for _ in 0..n {
-            let window = Span::from_millis(r.i64().map_err(err)?);
-            let k = r.u64().map_err(err)? as usize;
-            let mut tail = Vec::with_capacity(k.min(1024));
-            for _ in 0..k {
-                let start = r.i64().map_err(err)?;
-                tail.push((start, decode_states(aggs, r.bytes().map_err(err)?)?));
-            }
-            let rest = decode_states(aggs, r.bytes().map_err(err)?)?;
-            windows.push(WindowPart { window, tail, rest });
-        }
-        if !r.is_empty() {
-            return Err(err(CodecError::Corrupt(
-                "trailing bytes after the batch row".into(),
-            )));
-        }
-        Ok(BatchRow { cutoff_ms, windows })
+        let blobs = RowBlobs::parse(bytes)?;
+        let tiers = blobs
+            .tiers
+            .into_iter()
+            .map(|(tier, buckets)| {
+                let buckets = buckets
+                    .into_iter()
+                    .map(|(s, e, b)| Ok((s, e, decode_states(aggs, b)?)))
+                    .collect::<Result<Vec<_>, AggError>>()?;
+                Ok(TierBuckets { tier, buckets })
+            })
+            .collect::<Result<Vec<_>, AggError>>()?;
+        Ok(BatchRow {
+            cutoff_ms: blobs.cutoff_ms,
+            tiers,
+        })
+    }
+
+    /// The buckets of one tier (empty if the row has none).
+    pub fn buckets(&self, tier: Tier) -> &[(i64, i64, Vec<AggState>)] {
+        self.tiers
+            .iter()
+            .find(|t| t.tier == tier)
+            .map_or(&[], |t| t.buckets.as_slice())
     }
 }
 
@@ -290,25 +379,16 @@ pub fn features_at(
         let agg = &aggs[f.aggregation];
         let (start, end) = served_range(t_ms, f.window);
         let mut state = agg.empty();
-        if let (Some(row), Some(c)) = (row, cutoff)
-            && let Some(part) = row.windows.iter().find(|p| p.window == f.window)
-        {
-            let tail_end = c.min(c - f.window.millis() + ROW_VALIDITY.millis());
-            if start > tail_end && start < c {
-                // The merged rest would stick out of the window: the row is too old.
-                return Err(MergeError::Stale {
-                    cutoff: format_ts(c),
-                    at: format_ts(t_ms),
-                    valid_until: format_ts(c + ROW_VALIDITY.millis()),
-                });
-            }
-            if start < c {
-                for (s, states) in &part.tail {
-                    if *s >= start {
-                        agg.merge(&mut state, &states[f.aggregation]);
+        if let Some(row) = row {
+            // Newest first: the same order as `row_features_at`, so float states agree bit for bit.
+            for (s, e, states) in row.buckets(Tier::of_window(f.window)).iter().rev() {
+                if *s < start {
+                    if *e > start {
+                        return Err(stale(row, t_ms));
                     }
+                    break;
                 }
-                agg.merge(&mut state, &part.rest[f.aggregation]);
+                agg.merge(&mut state, &states[f.aggregation]);
             }
         }
         let from = cutoff.map_or(start, |c| start.max(c));
@@ -322,32 +402,157 @@ pub fn features_at(
     Ok(out)
 }
 
-/// Every feature of `view` at the row's own cutoff from the row alone (what the batch job writes
-/// to the offline store): equal to [`features_at`]`(view, Some(row), &[], row.cutoff_ms)`, but a
-/// window without tail partials is finalized from its rest without copying it.
-pub fn features_at_cutoff(view: &FeatureView, row: &BatchRow) -> Result<Vec<Value>, MergeError> {
+/// Every feature of `view` at time `t ≥ row.cutoff_ms` from the row alone, without speed tiles
+/// (what the batch job writes to the offline store): equal to
+/// [`features_at`]`(view, Some(row), &[], t)`, but each aggregation walks a tier's buckets once
+/// for all its windows (the shorter window's value is taken on the way to the longer one).
+pub fn row_features_at(
+    view: &FeatureView,
+    row: &BatchRow,
+    t_ms: i64,
+) -> Result<Vec<Value>, MergeError> {
+    if t_ms < row.cutoff_ms {
+        return Err(MergeError::BeforeCutoff {
+            cutoff: format_ts(row.cutoff_ms),
+            at: format_ts(t_ms),
+        });
+    }
     let aggs = view.aggs();
-    let mut out = Vec::new();
-    for f in view.features() {
-        let agg = &aggs[f.aggregation];
-        let Some(part) = row.windows.iter().find(|p| p.window == f.window) else {
-            out.push(agg.finalize(&agg.empty())?);
-            continue;
-        };
-        // At the cutoff the window is [c − W, c): every tail partial and the rest.
-        // Same merge order as `features_at` (tail, then rest), so float states agree bit for bit.
-        if part.tail.is_empty() {
-            out.push(agg.finalize(&part.rest[f.aggregation])?);
-        } else {
-            let mut state = agg.empty();
-            for (_, states) in &part.tail {
-                agg.merge(&mut state, &states[f.aggregation]);
+    let features = view.features();
+    let mut out: Vec<Option<Value>> = vec![None; features.len()];
+    for (k, agg) in aggs.iter().enumerate() {
+        for tier in Tier::ALL {
+            // This aggregation's windows of this tier, shortest first: window starts descend.
+            let mut wanted: Vec<(i64, usize)> = features
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.aggregation == k && Tier::of_window(f.window) == tier)
+                .map(|(i, f)| (served_range(t_ms, f.window).0, i))
+                .collect();
+            if wanted.is_empty() {
+                continue;
             }
-            agg.merge(&mut state, &part.rest[f.aggregation]);
-            out.push(agg.finalize(&state)?);
+            wanted.sort_by_key(|w| std::cmp::Reverse(w.0));
+            let mut state = agg.empty();
+            let mut next = 0;
+            for (s, e, states) in row.buckets(tier).iter().rev() {
+                while next < wanted.len() && *s < wanted[next].0 {
+                    if *e > wanted[next].0 {
+                        return Err(stale(row, t_ms));
+                    }
+                    out[wanted[next].1] = Some(agg.finalize(&state)?);
+                    next += 1;
+                }
+                if next == wanted.len() {
+                    break;
+                }
+                agg.merge(&mut state, &states[k]);
+            }
+            for (_, i) in &wanted[next..] {
+                out[*i] = Some(agg.finalize(&state)?);
+            }
         }
     }
-    Ok(out)
+    Ok(out
+        .into_iter()
+        .map(|v| v.expect("every feature has an aggregation and a tier"))
+        .collect())
+}
+
+/// [`row_features_at`] over an encoded row, merging every state straight from its bytes (no
+/// per-bucket state is built): the same values, bit for bit, for the batch job's offline
+/// features.
+pub fn encoded_row_features_at(
+    view: &FeatureView,
+    row: &RowBlobs<'_>,
+    t_ms: i64,
+) -> Result<Vec<Value>, MergeError> {
+    if t_ms < row.cutoff_ms {
+        return Err(MergeError::BeforeCutoff {
+            cutoff: format_ts(row.cutoff_ms),
+            at: format_ts(t_ms),
+        });
+    }
+    let aggs = view.aggs();
+    let features = view.features();
+    let mut out: Vec<Option<Value>> = vec![None; features.len()];
+    for (tier, buckets) in &row.tiers {
+        // Per aggregation: its windows of this tier, shortest first (window starts descend).
+        let wanted: Vec<Vec<(i64, usize)>> = aggs
+            .iter()
+            .enumerate()
+            .map(|(k, _)| {
+                let mut w: Vec<(i64, usize)> = features
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| f.aggregation == k && Tier::of_window(f.window) == *tier)
+                    .map(|(i, f)| (served_range(t_ms, f.window).0, i))
+                    .collect();
+                w.sort_by_key(|x| std::cmp::Reverse(x.0));
+                w
+            })
+            .collect();
+        if wanted.iter().all(Vec::is_empty) {
+            continue;
+        }
+        let mut states: Vec<AggState> = aggs.iter().map(Aggregation::empty).collect();
+        let mut next = vec![0usize; aggs.len()];
+        for (s, e, blob) in buckets.iter().rev() {
+            let mut open = false;
+            for k in 0..aggs.len() {
+                while next[k] < wanted[k].len() && *s < wanted[k][next[k]].0 {
+                    if *e > wanted[k][next[k]].0 {
+                        return Err(MergeError::Stale {
+                            cutoff: format_ts(row.cutoff_ms),
+                            at: format_ts(t_ms),
+                            valid_until: format_ts(row.cutoff_ms + COMPACT_VALIDITY.millis()),
+                        });
+                    }
+                    out[wanted[k][next[k]].1] = Some(aggs[k].finalize(&states[k])?);
+                    next[k] += 1;
+                }
+                open |= next[k] < wanted[k].len();
+            }
+            if !open {
+                break;
+            }
+            let mut r = Reader::new(blob);
+            let v = r.u8().map_err(row_err)?;
+            if v != crate::agg::STATE_FORMAT_VERSION {
+                return Err(row_err(CodecError::UnknownVersion(
+                    v,
+                    crate::agg::STATE_FORMAT_VERSION,
+                ))
+                .into());
+            }
+            for (k, agg) in aggs.iter().enumerate() {
+                if next[k] < wanted[k].len() {
+                    agg.merge_encoded(&mut states[k], &mut r)?;
+                } else {
+                    agg.decode(&mut r)?;
+                }
+            }
+        }
+        for k in 0..aggs.len() {
+            for (_, i) in &wanted[k][next[k]..] {
+                out[*i] = Some(aggs[k].finalize(&states[k])?);
+            }
+        }
+    }
+    // Tiers the row does not hold (no buckets kept): empty states.
+    for (i, f) in features.iter().enumerate() {
+        if out[i].is_none() {
+            let a = &aggs[f.aggregation];
+            out[i] = Some(a.finalize(&a.empty())?);
+        }
+    }
+    Ok(out.into_iter().map(|v| v.expect("filled above")).collect())
+}
+
+/// Every feature of `view` at the row's own cutoff from the row alone:
+/// [`row_features_at`]`(view, row, row.cutoff_ms)`.
+pub fn features_at_cutoff(view: &FeatureView, row: &BatchRow) -> Result<Vec<Value>, MergeError> {
+    row_features_at(view, row, row.cutoff_ms)
 }
 
 /// Merges a set of per-bucket states (e.g. many shards' tiles of the same start) into one list.
@@ -356,5 +561,106 @@ pub fn merge_into(aggs: &[Aggregation], into: &mut Vec<AggState>, other: &[AggSt
         into.extend(other.iter().cloned());
     } else {
         merge_all(aggs, into, other);
+    }
+}
+
+/// Builds the encoded row of cutoff `cutoff_ms` from an entity's previous (not compacted) row and
+/// its new buckets without decoding a state: keeps the old buckets inside [`row_range`] that `replaced` does not
+/// claim (the days recomputed this run), adds `fresh` (tier, bucket start, encoded states; one
+/// entry per bucket) inside the range, and sorts each tier by start. With no old row, or with
+/// `replaced` claiming everything, this equals encoding [`build_batch_row`] over the same buckets.
+pub fn splice_row(
+    view: &FeatureView,
+    cutoff_ms: i64,
+    old: Option<&RowBlobs<'_>>,
+    replaced: impl Fn(Tier, i64) -> bool,
+    fresh: &[(Tier, i64, &[u8])],
+) -> Vec<u8> {
+    let tiers = row_tiers(view)
+        .into_iter()
+        .map(|tier| {
+            let (from, to) = row_range(view, tier, cutoff_ms);
+            let inside = |s: i64| s >= from && s < to;
+            let width = tier.width(view).millis();
+            let mut buckets: Vec<(i64, i64, &[u8])> = old
+                .and_then(|o| o.tiers.iter().find(|t| t.0 == tier))
+                .map(|t| {
+                    t.1.iter()
+                        .filter(|(s, _, _)| inside(*s) && !replaced(tier, *s))
+                        .copied()
+                        .collect()
+                })
+                .unwrap_or_default();
+            buckets.extend(
+                fresh
+                    .iter()
+                    .filter(|(t, s, _)| *t == tier && inside(*s))
+                    .map(|(_, s, b)| (*s, *s + width, *b)),
+            );
+            buckets.sort_by_key(|b| b.0);
+            (tier, buckets)
+        })
+        .collect();
+    RowBlobs { cutoff_ms, tiers }.encode()
+}
+
+/// How long a compacted row serves exactly after its cutoff (the nightly job rewrites it daily).
+pub const COMPACT_VALIDITY: Span = Span::days(2);
+
+fn stale(row: &BatchRow, t_ms: i64) -> MergeError {
+    MergeError::Stale {
+        cutoff: format_ts(row.cutoff_ms),
+        at: format_ts(t_ms),
+        valid_until: format_ts(row.cutoff_ms + COMPACT_VALIDITY.millis()),
+    }
+}
+
+/// A smaller row for an entity too busy for one item (DynamoDB's 400 KB): buckets that no window
+/// boundary crosses during [`COMPACT_VALIDITY`] after the cutoff are merged into one per run, so
+/// the row serves exactly until `cutoff + COMPACT_VALIDITY` and refuses ([`MergeError::Stale`])
+/// after it. The buckets each window drops while the row is valid stay single. The nightly job
+/// keeps the full row offline and rewrites a compacted row every night.
+pub fn compact_row(view: &FeatureView, row: &BatchRow) -> BatchRow {
+    let aggs = view.aggs();
+    let c = row.cutoff_ms;
+    let v = COMPACT_VALIDITY.millis();
+    let tiers = row
+        .tiers
+        .iter()
+        .map(|t| {
+            // Window starts move through [c − W, c − W + V] while the row is valid.
+            let zones: Vec<(i64, i64)> = distinct_windows(view)
+                .into_iter()
+                .filter(|w| Tier::of_window(*w) == t.tier)
+                .map(|w| (c - w.millis(), c - w.millis() + v))
+                .collect();
+            let single = |s: i64| zones.iter().any(|(a, b)| s >= *a && s < *b);
+            // A merged run [from, to) must not contain a window start strictly inside it.
+            let crosses = |from: i64, to: i64| zones.iter().any(|(a, b)| *a < to && *b > from);
+            let mut buckets: Vec<(i64, i64, Vec<AggState>)> = Vec::new();
+            let mut run_open = false;
+            for (s, e, states) in &t.buckets {
+                let run_start = buckets.last().map_or(*s, |l| l.0);
+                if single(*s) {
+                    buckets.push((*s, *e, states.clone()));
+                    run_open = false;
+                } else if run_open && !crosses(run_start, *e) {
+                    let last = buckets.last_mut().expect("an open run has a bucket");
+                    last.1 = *e;
+                    merge_all(&aggs, &mut last.2, states);
+                } else {
+                    buckets.push((*s, *e, states.clone()));
+                    run_open = true;
+                }
+            }
+            TierBuckets {
+                tier: t.tier,
+                buckets,
+            }
+        })
+        .collect();
+    BatchRow {
+        cutoff_ms: c,
+        tiers,
     }
 }

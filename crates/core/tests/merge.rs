@@ -7,8 +7,9 @@ use std::path::Path;
 
 use lambda_core::agg::{empty_states, update_all};
 use lambda_core::merge::{
-    BatchRow, MergeError, Partial, ROW_VALIDITY, Tier, Tile, build_batch_row, features_at,
-    features_at_cutoff, tier_reach,
+    BatchRow, COMPACT_VALIDITY, MergeError, Partial, RowBlobs, Tier, Tile, build_batch_row,
+    compact_row, encoded_row_features_at, features_at, features_at_cutoff, row_features_at,
+    splice_row, tier_reach,
 };
 use lambda_core::time::{DAY_MS, MINUTE_MS, served_range, tile_start};
 use lambda_core::{FeatureView, Value};
@@ -147,16 +148,29 @@ fn same(a: &[Value], b: &[Value]) -> bool {
 }
 
 #[test]
-fn batch_row_plus_tiles_equals_direct_aggregation_all_day_after_the_cutoff() {
+fn batch_row_plus_tiles_equals_direct_aggregation_at_every_time_after_the_cutoff() {
     let v = view();
     let cutoff = 200 * DAY_MS;
     let evs = events(&v, cutoff - 40 * DAY_MS, cutoff + 2 * DAY_MS, 20_000);
     let row = batch_row(&v, &evs, cutoff);
     let speed = tiles(&v, &evs, cutoff);
+    // The compacted row (for an entity too busy for one item) is smaller and serves the same
+    // until its validity ends.
+    let compact = compact_row(&v, &row);
+    let aggs = v.aggs();
+    assert!(
+        compact.encode(&aggs).len() < row.encode(&aggs).len(),
+        "{} vs {} bytes",
+        compact.encode(&aggs).len(),
+        row.encode(&aggs).len()
+    );
+    let (encoded, encoded_compact) = (row.encode(&aggs), compact.encode(&aggs));
     let mut checked = 0;
-    // Every 7 minutes + 13 s through the row's validity, from the cutoff itself.
+    // Every 7 minutes + 13 s through the two days after the cutoff, from the cutoff itself, then
+    // every 11 h 7 min for 40 days: a row never goes stale (an entity whose events did not change
+    // keeps its row for as long as its windows reach).
     let mut t = cutoff;
-    while t < cutoff + ROW_VALIDITY.millis() {
+    while t < cutoff + 42 * DAY_MS {
         let now: Vec<Ev> = evs
             .iter()
             .filter(|e| e.ts < t)
@@ -180,28 +194,105 @@ fn batch_row_plus_tiles_equals_direct_aggregation_all_day_after_the_cutoff() {
         };
         let served = features_at(&v, Some(&row), &tiles_now, t).unwrap();
         let want = direct(&v, &now, t);
+        match features_at(&v, Some(&compact), &tiles_now, t) {
+            Ok(c) => assert!(
+                same(&c, &want),
+                "compacted row at cutoff + {} min",
+                (t - cutoff) / MINUTE_MS
+            ),
+            Err(MergeError::Stale { .. }) => {
+                assert!(
+                    t >= cutoff + COMPACT_VALIDITY.millis(),
+                    "stale too early: {t}"
+                )
+            }
+            Err(e) => panic!("{e}"),
+        }
+        // (Much later every window has passed the merged runs and the row is exact again.)
+        if t > cutoff + COMPACT_VALIDITY.millis() + DAY_MS && t < cutoff + 10 * DAY_MS {
+            assert!(matches!(
+                features_at(&v, Some(&compact), &tiles_now, t),
+                Err(MergeError::Stale { .. })
+            ));
+        }
         assert!(
             same(&served, &want),
             "t = cutoff + {} min\nserved {served:?}\nwant   {want:?}",
             (t - cutoff) / MINUTE_MS
         );
+        // Without tiles after the cutoff (an idle entity), the batch job's one-pass merge agrees
+        // with serving bit for bit.
+        assert_eq!(
+            row_features_at(&v, &row, t).unwrap(),
+            features_at(&v, Some(&row), &[], t).unwrap()
+        );
+        // Merging straight from the encoded row gives the same, for full and compacted rows.
+        assert_eq!(
+            encoded_row_features_at(&v, &RowBlobs::parse(&encoded).unwrap(), t).unwrap(),
+            row_features_at(&v, &row, t).unwrap()
+        );
+        assert_eq!(
+            encoded_row_features_at(&v, &RowBlobs::parse(&encoded_compact).unwrap(), t),
+            row_features_at(&v, &compact, t)
+        );
         checked += 1;
-        t += 7 * MINUTE_MS + 13_000;
+        t += if t < cutoff + 2 * DAY_MS {
+            7 * MINUTE_MS + 13_000
+        } else {
+            11 * 60 * MINUTE_MS + 7 * MINUTE_MS
+        };
     }
-    assert!(checked > 380);
-    // Past its validity the row refuses to serve rather than shift a window silently.
-    let late = cutoff + ROW_VALIDITY.millis() + DAY_MS + 3_600_000;
-    assert!(matches!(
-        features_at(&v, Some(&row), &speed, late),
-        Err(MergeError::Stale { .. })
-    ));
+    assert!(checked > 460, "{checked}");
     assert!(matches!(
         features_at(&v, Some(&row), &speed, cutoff - 1),
         Err(MergeError::BeforeCutoff { .. })
     ));
-    // A busy entity's row stays small: its size does not grow with the 30-day window.
-    let bytes = row.encode(&v.aggs()).len();
-    assert!(bytes < 120_000, "{bytes} bytes");
+    assert!(matches!(
+        row_features_at(&v, &row, cutoff - 1),
+        Err(MergeError::BeforeCutoff { .. })
+    ));
+}
+
+#[test]
+fn splicing_an_old_row_with_new_days_equals_building_the_row_anew() {
+    let v = view();
+    let aggs = v.aggs();
+    let old_cutoff = 200 * DAY_MS;
+    let cutoff = old_cutoff + 3 * DAY_MS;
+    let evs = events(&v, old_cutoff - 40 * DAY_MS, cutoff, 20_000);
+    let old = batch_row(&v, &evs, old_cutoff).encode(&aggs);
+    let want = batch_row(&v, &evs, cutoff);
+    // The new days' buckets, encoded, as the batch job reads them from its partial files.
+    let new_row = batch_row(&v, &evs, cutoff);
+    let fresh: Vec<(Tier, i64, Vec<u8>)> = new_row
+        .tiers
+        .iter()
+        .flat_map(|t| {
+            t.buckets
+                .iter()
+                .filter(|(s, _, _)| *s >= old_cutoff - DAY_MS)
+                .map(|(s, _, st)| (t.tier, *s, lambda_core::agg::encode_states(&aggs, st)))
+        })
+        .collect();
+    let fresh: Vec<(Tier, i64, &[u8])> = fresh
+        .iter()
+        .map(|(t, s, b)| (*t, *s, b.as_slice()))
+        .collect();
+    // The last old day is recomputed too (as a late file would make the job do).
+    let old_blobs = RowBlobs::parse(&old).unwrap();
+    let spliced = splice_row(
+        &v,
+        cutoff,
+        Some(&old_blobs),
+        |_, s| s >= old_cutoff - DAY_MS,
+        &fresh,
+    );
+    assert_eq!(RowBlobs::parse(&spliced).unwrap().encode(), spliced);
+    assert_eq!(BatchRow::decode(&aggs, &spliced).unwrap(), want);
+    assert_eq!(spliced, want.encode(&aggs));
+    // Claiming nothing keeps the old buckets: a stale old day would survive, so the test can fail.
+    let wrong = splice_row(&v, cutoff, Some(&old_blobs), |_, _| false, &fresh);
+    assert_ne!(wrong, spliced);
 }
 
 #[test]
