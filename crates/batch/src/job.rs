@@ -36,8 +36,8 @@ use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 use lambda_core::decode::{arrow_schema, value_at};
 use lambda_core::merge::{
-    BatchRow, RowBlobs, Tier, compact_row, encoded_row_features_at, row_tiers, splice_row,
-    tier_reach,
+    BatchRow, RowBlobs, Tier, compact_row, encoded_row_features_at, row_body, row_tiers,
+    splice_row, tier_reach,
 };
 use lambda_core::time::{DAY_MS, format_ts, tile_start};
 use lambda_core::{FeatureView, Value, sql};
@@ -622,35 +622,41 @@ pub async fn run(
     let started = Instant::now();
     let total = days.len();
     // 1. Plan: which tiers each day must compute (stored partials of unchanged inputs are reused).
-    let mut plans = Vec::with_capacity(days.len());
-    for day in &days {
-        let dir = format!("date={}", date_of(*day));
-        // The day's history files: stored partials are valid only for exactly these inputs, so
-        // files added later (late events from the speed layer, corrections) recompute the day.
-        let files = parquet_files(&opts.history, &dir).await?;
-        let inputs = serde_json::to_vec(&files).unwrap_or_default();
-        // Stored tiers (day, hour) are reused unless --full; tiles are always recomputed (they only
-        // cover the hours before this cutoff).
-        let mut todo: Vec<(Tier, i64, i64)> = Vec::new();
-        for (tier, from, to) in &needs {
-            if *day + DAY_MS <= *from || *day >= *to {
-                continue;
+    //    Days are planned concurrently (each is a listing and a few small reads).
+    let plan_day = |day: i64| {
+        let needs = &needs;
+        async move {
+            let dir = format!("date={}", date_of(day));
+            // The day's history files: stored partials are valid only for exactly these inputs,
+            // so files added later (late events from the speed layer, corrections) recompute it.
+            let files = parquet_files(&opts.history, &dir).await?;
+            let inputs = serde_json::to_vec(&files).unwrap_or_default();
+            // Stored tiers (day, hour) are reused unless --full; tiles are always recomputed (they
+            // only cover the hours before this cutoff).
+            let mut todo: Vec<(Tier, i64, i64)> = Vec::new();
+            for (tier, from, to) in needs {
+                if day + DAY_MS <= *from || day >= *to {
+                    continue;
+                }
+                let stored = *tier != Tier::Tile
+                    && !opts.full
+                    && opts.offline.get(&inputs_path(*tier, day)).await?.as_deref()
+                        == Some(inputs.as_slice())
+                    && opts.offline.exists(&partial_path(*tier, day)).await?;
+                if *tier == Tier::Tile || opts.full || !stored {
+                    todo.push((*tier, *from, *to));
+                }
             }
-            let stored = *tier != Tier::Tile
-                && !opts.full
-                && opts
-                    .offline
-                    .get(&inputs_path(*tier, *day))
-                    .await?
-                    .as_deref()
-                    == Some(inputs.as_slice())
-                && opts.offline.exists(&partial_path(*tier, *day)).await?;
-            if *tier == Tier::Tile || opts.full || !stored {
-                todo.push((*tier, *from, *to));
-            }
+            Ok::<_, BatchError>((day, dir, files, inputs, todo))
         }
-        plans.push((*day, dir, files, inputs, todo));
-    }
+    };
+    let plans: Vec<_> = futures::stream::iter(days.iter().map(|d| plan_day(*d)))
+        .buffered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    tracing::debug!(view = %view.name, days = plans.len(), elapsed_s = started.elapsed().as_secs_f64(), "Planned.");
     // What the online batch view already reflects decides what this run rewrites: the entities
     // with a new or changed day, or everything (a rebuild) when there is nothing to build on.
     let day_files: BTreeMap<String, Vec<(String, u64)>> =
@@ -714,63 +720,77 @@ pub async fn run(
     ))
     .buffered(DAYS_AT_ONCE);
     // 3. Gather the partials of the days that changed since the committed batch view (every
-    //    day on a rebuild), in day order.
-    let mut n = 0;
-    while let Some(result) = computed.next().await {
-        let (day, done) = result?;
-        n += 1;
-        match done {
-            Some((r, b, dir_url, tiles)) => {
-                summary.rows_in += r;
-                summary.bytes_in += b;
-                if b > 0 {
-                    summary.days_computed += 1;
-                    progress(Progress::Day {
-                        date: date_of(day),
-                        rows: summary.rows_in,
-                        bytes: summary.bytes_in,
-                        done: n,
-                        total,
-                    });
+    //    day on a rebuild), in day order. Meanwhile (4.) find the entities whose features may
+    //    have moved without a change of their own data (a bucket of theirs left a window) and
+    //    read their previous rows.
+    let gather = async {
+        let mut n = 0;
+        while let Some(result) = computed.next().await {
+            let (day, done) = result?;
+            n += 1;
+            match done {
+                Some((r, b, dir_url, tiles)) => {
+                    summary.rows_in += r;
+                    summary.bytes_in += b;
+                    if b > 0 {
+                        summary.days_computed += 1;
+                        progress(Progress::Day {
+                            date: date_of(day),
+                            rows: summary.rows_in,
+                            bytes: summary.bytes_in,
+                            done: n,
+                            total,
+                        });
+                    }
+                    let (from, to) = needs
+                        .iter()
+                        .find(|x| x.0 == Tier::Tile)
+                        .map(|x| (x.1, x.2))
+                        .unwrap_or((c, c));
+                    for b in &tiles {
+                        add_partials(b, &dir_url, &mut rows, Tier::Tile, from, to)?;
+                    }
                 }
-                let (from, to) = needs
-                    .iter()
-                    .find(|x| x.0 == Tier::Tile)
-                    .map(|x| (x.1, x.2))
-                    .unwrap_or((c, c));
-                for b in &tiles {
-                    add_partials(b, &dir_url, &mut rows, Tier::Tile, from, to)?;
+                None => summary.days_reused += 1,
+            }
+            if !changed.contains(&day) {
+                continue;
+            }
+            for (tier, from, to) in needs.iter().filter(|t| t.0 != Tier::Tile) {
+                if day + DAY_MS > *from && day < *to {
+                    read_partials(
+                        &opts.offline,
+                        &partial_path(*tier, day),
+                        &mut rows,
+                        *tier,
+                        *from,
+                        *to,
+                    )
+                    .await?;
                 }
             }
-            None => summary.days_reused += 1,
         }
-        if !changed.contains(&day) {
-            continue;
-        }
-        for (tier, from, to) in needs.iter().filter(|t| t.0 != Tier::Tile) {
-            if day + DAY_MS > *from && day < *to {
-                read_partials(
-                    &opts.offline,
-                    &partial_path(*tier, day),
-                    &mut rows,
-                    *tier,
-                    *from,
-                    *to,
-                )
-                .await?;
+        Ok::<_, BatchError>(())
+    };
+    let leaving = async {
+        let leaving = match &committed {
+            Some(prev) if c > prev.cutoff_ms => {
+                leaving_entities(view, &opts.offline, prev.cutoff_ms, c).await?
             }
-        }
-    }
+            _ => BTreeSet::new(),
+        };
+        let rows = if rebuild.is_none() {
+            previous_rows(store, view, leaving.iter().map(String::as_str)).await?
+        } else {
+            HashMap::new()
+        };
+        Ok::<_, BatchError>((leaving, rows))
+    };
+    let (gathered, leaving) = tokio::join!(gather, leaving);
+    gathered?;
+    let (leaving, mut old) = leaving?;
     tracing::info!(view = %view.name, days = total, computed = summary.days_computed, changed = changed.len(), elapsed_s = started.elapsed().as_secs_f64(), "Partial states ready.");
 
-    // 4. The entities whose features may have moved since the committed view without a change
-    //    of their own data: a bucket of theirs left a window.
-    let leaving = match &committed {
-        Some(prev) if c > prev.cutoff_ms => {
-            leaving_entities(view, &opts.offline, prev.cutoff_ms, c).await?
-        }
-        _ => BTreeSet::new(),
-    };
     // 5. Rows of the changed entities (their previous rows spliced with their new days, without
     //    decoding a state), and features for them and the leaving ones.
     // Compacted rows are rewritten every night (their validity is short), from their full rows.
@@ -795,29 +815,17 @@ pub async fn run(
             .cloned()
             .collect()
     };
-    // Previous rows: of the changed entities (to splice) and of the leaving ones (for their
-    // features). A rebuild starts from nothing.
-    let old: HashMap<String, Vec<u8>> = if rebuild.is_none() {
-        let keys: Vec<ItemKey> = changed_rows
+    // Previous rows of the changed entities (to splice; the leaving ones' are read). A rebuild
+    // starts from nothing.
+    if rebuild.is_none() {
+        let missing = changed_rows
             .iter()
             .map(|r| r.0.as_str())
-            .chain(only_leaving.iter().map(String::as_str))
-            .map(|e| ItemKey::batch(&view.name, e))
-            .collect();
-        let mut old = HashMap::with_capacity(keys.len());
-        for chunk in keys.chunks(5_000) {
-            for (k, item) in chunk.iter().zip(store.batch_get(chunk).await?) {
-                if let Some(item) = item {
-                    let entity = k.pk[view.name.len() + 1..].to_string();
-                    old.insert(entity, item.data);
-                }
-            }
-        }
+            .filter(|e| !old.contains_key(*e));
+        let more = previous_rows(store, view, missing).await?;
+        old.extend(more);
         old.extend(full_prev);
-        old
-    } else {
-        HashMap::new()
-    };
+    }
     tracing::info!(view = %view.name, changed = changed_rows.len(), leaving = only_leaving.len(), previous_rows = old.len(), elapsed_s = started.elapsed().as_secs_f64(), "Previous rows read.");
     let aggs = view.aggs();
     let max_reach = row_tiers(view)
@@ -833,99 +841,144 @@ pub async fn run(
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
-    let chunk = changed_rows.len().div_ceil(threads).max(1);
-    let (old, replaced) = (&old, &replaced);
-    let built: Vec<Result<Vec<BuiltRow>, BatchError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = changed_rows
-            .chunks(chunk)
-            .map(|part| {
-                let aggs = &aggs;
-                scope.spawn(move || {
-                    let mut out = Vec::with_capacity(part.len());
-                    for (entity, parts) in part {
-                        let fresh: Vec<(Tier, i64, &[u8])> = parts
-                            .iter()
-                            .map(|(tier, start, array, row)| {
-                                (*tier, *start, arrays[*array as usize].value(*row as usize))
-                            })
-                            .collect();
-                        let prev = old.get(entity).map(|b| RowBlobs::parse(b)).transpose()?;
-                        let data = splice_row(view, c, prev.as_ref(), replaced, &fresh);
-                        let features = encoded_row_features_at(view, &RowBlobs::parse(&data)?, c)?;
-                        let (data, full) = if data.len() > opts.compact_over {
-                            let row = BatchRow::decode(aggs, &data)?;
-                            (compact_row(view, &row).encode(aggs), Some(data))
-                        } else {
-                            (data, None)
-                        };
-                        let item = Item {
-                            key: ItemKey::batch(&view.name, entity),
-                            data,
-                            guard: None,
-                            expires_at: Some(expires),
-                        };
-                        out.push((Some(item), full, (entity.clone(), features)));
+    // One list of work: the changed entities (a row to write) and the leaving ones (features from
+    // their kept rows; on a rebuild they have no data inside any window any more, and an empty
+    // row records it).
+    let work: Vec<(&str, Option<&[PartialBlob]>)> = changed_rows
+        .iter()
+        .map(|(e, p)| (e.as_str(), Some(p.as_slice())))
+        .chain(only_leaving.iter().map(|e| (e.as_str(), None)))
+        .collect();
+    let is_rebuild = rebuild.is_some();
+    let plan = lambda_core::merge::FeaturePlan::new(view);
+    let item = |entity: &str, data: Vec<u8>| Item {
+        key: ItemKey::batch(&view.name, entity),
+        data,
+        guard: None,
+        expires_at: Some(expires),
+    };
+    let build_one =
+        |(entity, parts): &(&str, Option<&[PartialBlob]>)| -> Result<BuiltRow, BatchError> {
+            let Some(parts) = parts else {
+                // Only leaving: the kept row serves this cutoff.
+                return Ok(match old.get(*entity) {
+                    Some(data) => {
+                        let body = row_body(data)?;
+                        let f = encoded_row_features_at(&plan, &RowBlobs::parse(&body)?, c)?;
+                        (None, None, (entity.to_string(), f))
                     }
-                    Ok(out)
+                    None => {
+                        let blobs = splice_row(view, c, None, |_, _| true, &[]);
+                        let f = encoded_row_features_at(&plan, &blobs, c)?;
+                        let written = is_rebuild.then(|| item(entity, blobs.encode()));
+                        (written, None, (entity.to_string(), f))
+                    }
+                });
+            };
+            let fresh: Vec<(Tier, i64, &[u8])> = parts
+                .iter()
+                .map(|(tier, start, array, row)| {
+                    (*tier, *start, arrays[*array as usize].value(*row as usize))
                 })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(BatchError::Config(
-                        "a row-building thread panicked (a bug)".into(),
-                    ))
-                })
-            })
-            .collect()
-    });
-    let mut items = Vec::with_capacity(changed_rows.len());
-    let mut feature_rows: Vec<(String, Vec<Value>)> =
-        Vec::with_capacity(changed_rows.len() + only_leaving.len());
+                .collect();
+            let prev_body = old.get(*entity).map(|b| row_body(b)).transpose()?;
+            let prev = prev_body.as_deref().map(RowBlobs::parse).transpose()?;
+            let blobs = splice_row(view, c, prev.as_ref(), replaced, &fresh);
+            let features = encoded_row_features_at(&plan, &blobs, c)?;
+            let data = blobs.encode();
+            let (data, full) = if data.len() > opts.compact_over {
+                let row = BatchRow::decode(&aggs, &data)?;
+                (compact_row(view, &row).encode(&aggs), Some(data))
+            } else {
+                (data, None)
+            };
+            Ok((
+                Some(item(entity, data)),
+                full,
+                (entity.to_string(), features),
+            ))
+        };
+    // Rows are uploaded on another thread while the next ones are built.
+    let total = changed_rows.len() + if is_rebuild { only_leaving.len() } else { 0 };
+    let mut feature_rows: Vec<(String, Vec<Value>)> = Vec::with_capacity(work.len());
     let mut full_rows: Vec<(String, Vec<u8>)> = Vec::new();
-    for part in built {
-        for (item, full, f) in part? {
-            if let Some(item) = item {
-                summary.row_bytes += item.data.len() as u64;
-                if let Some(full) = full {
-                    full_rows.push((f.0.clone(), full));
-                }
-                items.push(item);
+    let mut written = 0usize;
+    let handle = tokio::runtime::Handle::current();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Item>>(1);
+    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<usize>();
+    let features_rel = format!("{base}/features/cutoff={}/part-0.parquet", date_of(c));
+    let features_url = opts.offline.url_of(&features_rel);
+    let encoded = std::thread::scope(|scope| {
+        let uploader = scope.spawn(move || -> Result<(), BatchError> {
+            for chunk in rx {
+                handle.block_on(store.batch_put(&chunk))?;
+                // The receiver outlives this thread.
+                let _ = ack_tx.send(chunk.len());
             }
-            feature_rows.push(f);
-        }
-    }
-    summary.compacted = full_rows.len();
-    // Entities that only had a bucket leave a window: their rows stay (they are exact at every
-    // later time); their features at this cutoff come from them. On a rebuild they have no data
-    // inside any window any more: an empty row records it.
-    for entity in &only_leaving {
-        let features = match old.get(entity) {
-            Some(data) => encoded_row_features_at(view, &RowBlobs::parse(data)?, c)?,
-            None => {
-                let data = splice_row(view, c, None, |_, _| true, &[]);
-                let features = encoded_row_features_at(view, &RowBlobs::parse(&data)?, c)?;
-                if rebuild.is_some() {
-                    summary.row_bytes += data.len() as u64;
-                    items.push(Item {
-                        key: ItemKey::batch(&view.name, entity),
-                        data,
-                        guard: None,
-                        expires_at: Some(expires),
-                    });
-                }
-                features
+            Ok(())
+        });
+        let mut uploaded = 0;
+        let mut report = |progress: &mut dyn FnMut(Progress)| {
+            for n in ack_rx.try_iter() {
+                uploaded += n;
+                progress(Progress::Upload {
+                    done: uploaded,
+                    total,
+                });
             }
         };
-        feature_rows.push((entity.clone(), features));
-    }
-    feature_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut pending: Vec<Item> = Vec::new();
+        let mut built_ok = Ok(());
+        for part in work.chunks(4_096) {
+            match par_map(part, threads, build_one) {
+                Ok(built) => {
+                    for (item, full, f) in built {
+                        if let Some(item) = item {
+                            summary.row_bytes += item.data.len() as u64;
+                            if let Some(full) = full {
+                                full_rows.push((f.0.clone(), full));
+                            }
+                            pending.push(item);
+                            written += 1;
+                        }
+                        feature_rows.push(f);
+                    }
+                }
+                Err(e) => {
+                    built_ok = Err(e);
+                    break;
+                }
+            }
+            if pending.len() >= 5_000 && tx.send(std::mem::take(&mut pending)).is_err() {
+                break; // the uploader failed: its error is returned below
+            }
+            report(&mut progress);
+        }
+        if built_ok.is_ok() && !pending.is_empty() {
+            let _ = tx.send(pending);
+        }
+        drop(tx);
+        // The features file is encoded here while the last rows upload (with hand-written SQL,
+        // after its query).
+        feature_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let encoded = match (&built_ok, &view.batch.sql) {
+            (Ok(()), None) => Some(encode_features(view, &features_url, &feature_rows)),
+            _ => None,
+        };
+        let uploaded_ok = uploader.join().unwrap_or_else(|_| {
+            Err(BatchError::Config(
+                "the upload thread panicked (a bug)".into(),
+            ))
+        });
+        report(&mut progress);
+        built_ok.and(uploaded_ok)?;
+        encoded.transpose()
+    })?;
+    summary.compacted = full_rows.len();
     summary.entities = changed_rows.len();
     summary.features_written = feature_rows.len();
     summary.rebuild = rebuild.clone();
-    tracing::info!(view = %view.name, rows = items.len(), features = feature_rows.len(), elapsed_s = started.elapsed().as_secs_f64(), "Batch rows built.");
+    tracing::info!(view = %view.name, rows = written, features = feature_rows.len(), elapsed_s = started.elapsed().as_secs_f64(), "Batch rows built and uploaded.");
     if let Some(file) = &view.batch.sql {
         let hand = hand_written_features(ctx, opts, file).await?;
         // Compared on the entities with data (a rebuild: every one); entities whose data all left
@@ -947,24 +1000,10 @@ pub async fn run(
         summary.sql_drift = Some(drift);
         feature_rows = hand;
     }
-    // The features file is encoded on another core while the rows upload.
-    let features_rel = format!("{base}/features/cutoff={}/part-0.parquet", date_of(c));
-    let encoding = {
-        let (view, url) = (view.clone(), opts.offline.url_of(&features_rel));
-        tokio::task::spawn_blocking(move || encode_features(&view, &url, &feature_rows))
+    let parquet = match encoded {
+        Some(p) => p,
+        None => encode_features(view, &features_url, &feature_rows)?,
     };
-    let total = items.len();
-    for (i, chunk) in items.chunks(5_000).enumerate() {
-        store.batch_put(chunk).await?;
-        progress(Progress::Upload {
-            done: (i * 5_000 + chunk.len()).min(total),
-            total,
-        });
-    }
-    tracing::info!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Batch rows uploaded.");
-    let parquet = encoding
-        .await
-        .map_err(|_| BatchError::Config("encoding the features file panicked (a bug)".into()))??;
     opts.offline.put(&features_rel, parquet).await?;
     tracing::info!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Offline features written.");
     // Only now does the online view reflect this run: the next one builds on it.
@@ -994,6 +1033,7 @@ pub async fn run(
         full_rows: full_rel,
     };
     write_commit(view, &opts.offline, store, &commit).await?;
+    tracing::debug!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Committed.");
     // The previous full rows are not needed any more.
     if let Some(rel) = committed.as_ref().and_then(|p| p.full_rows.as_ref())
         && Some(rel) != commit.full_rows.as_ref()
@@ -1001,6 +1041,80 @@ pub async fn run(
         opts.offline.delete(rel).await?;
     }
     Ok(summary)
+}
+
+/// The stored batch rows of `entities` (absent ones are left out).
+async fn previous_rows(
+    store: &dyn OnlineStore,
+    view: &FeatureView,
+    entities: impl Iterator<Item = &str>,
+) -> Result<HashMap<String, Vec<u8>>, BatchError> {
+    let entities: Vec<&str> = entities.collect();
+    let mut out = HashMap::with_capacity(entities.len());
+    for chunk in entities.chunks(5_000) {
+        let keys: Vec<ItemKey> = chunk
+            .iter()
+            .map(|e| ItemKey::batch(&view.name, e))
+            .collect();
+        for (e, item) in chunk.iter().zip(store.batch_get(&keys).await?) {
+            if let Some(item) = item {
+                out.insert(e.to_string(), item.data);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Maps `f` over `items` on `threads` threads that take chunks of 256 in turn (a busy entity costs
+/// far more than an idle one); the results in input order, or the first error.
+fn par_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> Result<R, BatchError> + Sync,
+) -> Result<Vec<R>, BatchError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let chunks: Vec<&[T]> = items.chunks(256).collect();
+    let next = AtomicUsize::new(0);
+    let (chunks, next, f) = (&chunks, &next, &f);
+    let mut done: Vec<(usize, Result<Vec<R>, BatchError>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                scope.spawn(move || {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(chunk) = chunks.get(i) else { break };
+                        let r: Result<Vec<R>, BatchError> = chunk.iter().map(f).collect();
+                        let failed = r.is_err();
+                        mine.push((i, r));
+                        if failed {
+                            break;
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    vec![(
+                        usize::MAX,
+                        Err(BatchError::Config(
+                            "a worker thread panicked (a bug)".into(),
+                        )),
+                    )]
+                })
+            })
+            .collect()
+    });
+    done.sort_by_key(|d| d.0);
+    let mut out = Vec::with_capacity(items.len());
+    for (_, r) in done {
+        out.extend(r?);
+    }
+    Ok(out)
 }
 
 /// What the online batch view reflects, recorded after a run's rows and features are written:

@@ -799,6 +799,61 @@ impl Aggregation {
     }
 }
 
+/// A distinct set that borrows its strings from encoded states (the batch job finalizes
+/// `count_distinct` over a row's buckets without copying a string): the same count as merging
+/// the decoded [`DistinctSet`]s.
+#[derive(Debug, Default)]
+pub struct DistinctRef<'a> {
+    nums: HashSet<i128, FastHash>,
+    strs: HashSet<&'a str, FastHash>,
+    bools: [bool; 2],
+}
+
+impl<'a> DistinctRef<'a> {
+    /// Adds the values of an encoded distinct state of aggregation `agg` (read from `r`).
+    pub fn merge_encoded(&mut self, agg: &Aggregation, r: &mut Reader<'a>) -> Result<(), AggError> {
+        let codec = |source| AggError::Codec {
+            aggregation: agg.name.clone(),
+            source,
+        };
+        let tag = r.u8().map_err(codec)?;
+        if tag != b's' {
+            return Err(codec(CodecError::KindMismatch {
+                found: (tag as char).to_string(),
+                expected: "s".into(),
+            }));
+        }
+        let mut read = || -> Result<(), CodecError> {
+            let n = r.u64()? as usize;
+            self.strs.reserve(n);
+            for _ in 0..n {
+                match r.u8()? {
+                    0 => {
+                        self.nums.insert(r.i128()?);
+                    }
+                    1 => {
+                        self.strs.insert(r.str()?);
+                    }
+                    2 => self.bools[(r.u8()? != 0) as usize] = true,
+                    t => return Err(CodecError::Corrupt(format!("distinct key tag {t}"))),
+                }
+            }
+            Ok(())
+        };
+        read().map_err(codec)
+    }
+
+    /// Number of distinct values (what `count_distinct` finalizes to).
+    pub fn len(&self) -> usize {
+        self.nums.len() + self.strs.len() + self.bools.iter().filter(|b| **b).count()
+    }
+
+    /// True when no value was added.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 fn tag_of(s: &AggState) -> u8 {
     match s {
         AggState::Count(_) => b'c',

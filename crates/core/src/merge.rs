@@ -223,14 +223,33 @@ fn row_err(source: CodecError) -> AggError {
     }
 }
 
+/// Row bodies are stored as they are (tiny rows).
+const RAW: u8 = 0;
+/// Row bodies are LZ4 blocks prefixed with their size (the same strings repeat across buckets).
+const LZ4: u8 = 1;
+
+/// The body of an encoded batch row (what [`RowBlobs::parse`] reads), its compression undone.
+pub fn row_body(bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, AggError> {
+    let mut r = Reader::new(bytes);
+    let v = r.u8().map_err(row_err)?;
+    if v != BATCH_ROW_VERSION {
+        return Err(row_err(CodecError::UnknownVersion(v, BATCH_ROW_VERSION)));
+    }
+    match r.u8().map_err(row_err)? {
+        RAW => Ok(std::borrow::Cow::Borrowed(&bytes[2..])),
+        LZ4 => lz4_flex::block::decompress_size_prepended(&bytes[2..])
+            .map(std::borrow::Cow::Owned)
+            .map_err(|e| row_err(CodecError::Corrupt(format!("compressed batch row: {e}")))),
+        other => Err(row_err(CodecError::Corrupt(format!(
+            "unknown batch row compression {other}"
+        )))),
+    }
+}
+
 impl<'a> RowBlobs<'a> {
-    /// Reads the structure of an encoded row without decoding any state.
-    pub fn parse(bytes: &'a [u8]) -> Result<RowBlobs<'a>, AggError> {
-        let mut r = Reader::new(bytes);
-        let v = r.u8().map_err(row_err)?;
-        if v != BATCH_ROW_VERSION {
-            return Err(row_err(CodecError::UnknownVersion(v, BATCH_ROW_VERSION)));
-        }
+    /// Reads the structure of a row body ([`row_body`]) without decoding any state.
+    pub fn parse(body: &'a [u8]) -> Result<RowBlobs<'a>, AggError> {
+        let mut r = Reader::new(body);
         let cutoff_ms = r.i64().map_err(row_err)?;
         let n = r.u64().map_err(row_err)? as usize;
         let mut tiers = Vec::with_capacity(n.min(3));
@@ -262,9 +281,23 @@ impl<'a> RowBlobs<'a> {
         Ok(RowBlobs { cutoff_ms, tiers })
     }
 
-    /// Encodes the row: version, cutoff, then per tier its code and its `(start, length, states)`
-    /// buckets.
+    /// Encodes the row: the version, the compression, then the body: cutoff, and per tier its
+    /// code and its `(start, length, states)` buckets.
     pub fn encode(&self) -> Vec<u8> {
+        let body = self.body();
+        let mut out = vec![BATCH_ROW_VERSION];
+        if body.len() < 128 {
+            out.push(RAW);
+            out.extend_from_slice(&body);
+        } else {
+            out.push(LZ4);
+            out.extend_from_slice(&lz4_flex::block::compress_prepend_size(&body));
+        }
+        out
+    }
+
+    /// The uncompressed body (see [`RowBlobs::encode`]).
+    pub fn body(&self) -> Vec<u8> {
         let size: usize = self
             .tiers
             .iter()
@@ -272,7 +305,6 @@ impl<'a> RowBlobs<'a> {
             .sum();
         let mut w = Writer::default();
         w.buf.reserve(size + 32);
-        w.u8(BATCH_ROW_VERSION);
         w.i64(self.cutoff_ms);
         w.u64(self.tiers.len() as u64);
         for (tier, buckets) in &self.tiers {
@@ -319,7 +351,8 @@ impl BatchRow {
 
     /// Decodes a row written by [`BatchRow::encode`] for the same aggregations.
     pub fn decode(aggs: &[Aggregation], bytes: &[u8]) -> Result<BatchRow, AggError> {
-        let blobs = RowBlobs::parse(bytes)?;
+        let body = row_body(bytes)?;
+        let blobs = RowBlobs::parse(&body)?;
         let tiers = blobs
             .tiers
             .into_iter()
@@ -459,11 +492,54 @@ pub fn row_features_at(
         .collect())
 }
 
+/// What finalizing a view's features from encoded rows needs, prepared once (the batch job
+/// finalizes thousands of rows with one).
+#[derive(Debug, Clone)]
+pub struct FeaturePlan {
+    aggs: Vec<Aggregation>,
+    /// Per tier (in [`Tier::ALL`] order), per aggregation: its windows of that tier and their
+    /// feature index, shortest first.
+    by_tier: Vec<Vec<Vec<(Span, usize)>>>,
+    features: usize,
+}
+
+impl FeaturePlan {
+    /// The plan of `view`.
+    pub fn new(view: &FeatureView) -> FeaturePlan {
+        let aggs = view.aggs();
+        let features = view.features();
+        let by_tier = Tier::ALL
+            .iter()
+            .map(|tier| {
+                (0..aggs.len())
+                    .map(|k| {
+                        let mut w: Vec<(Span, usize)> = features
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, f)| {
+                                f.aggregation == k && Tier::of_window(f.window) == *tier
+                            })
+                            .map(|(i, f)| (f.window, i))
+                            .collect();
+                        w.sort_by_key(|x| x.0);
+                        w
+                    })
+                    .collect()
+            })
+            .collect();
+        FeaturePlan {
+            aggs,
+            by_tier,
+            features: features.len(),
+        }
+    }
+}
+
 /// [`row_features_at`] over an encoded row, merging every state straight from its bytes (no
-/// per-bucket state is built): the same values, bit for bit, for the batch job's offline
-/// features.
+/// per-bucket state is built; distinct strings are borrowed): the same values, bit for bit, for
+/// the batch job's offline features.
 pub fn encoded_row_features_at(
-    view: &FeatureView,
+    plan: &FeaturePlan,
     row: &RowBlobs<'_>,
     t_ms: i64,
 ) -> Result<Vec<Value>, MergeError> {
@@ -473,29 +549,23 @@ pub fn encoded_row_features_at(
             at: format_ts(t_ms),
         });
     }
-    let aggs = view.aggs();
-    let features = view.features();
-    let mut out: Vec<Option<Value>> = vec![None; features.len()];
+    let aggs = &plan.aggs;
+    let mut out: Vec<Option<Value>> = vec![None; plan.features];
     for (tier, buckets) in &row.tiers {
-        // Per aggregation: its windows of this tier, shortest first (window starts descend).
-        let wanted: Vec<Vec<(i64, usize)>> = aggs
+        let ti = Tier::ALL.iter().position(|x| x == tier).unwrap_or(0);
+        // Per aggregation: (window start at t, feature index), window starts descending.
+        let wanted: Vec<Vec<(i64, usize)>> = plan.by_tier[ti]
             .iter()
-            .enumerate()
-            .map(|(k, _)| {
-                let mut w: Vec<(i64, usize)> = features
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, f)| f.aggregation == k && Tier::of_window(f.window) == *tier)
-                    .map(|(i, f)| (served_range(t_ms, f.window).0, i))
-                    .collect();
-                w.sort_by_key(|x| std::cmp::Reverse(x.0));
-                w
+            .map(|w| {
+                w.iter()
+                    .map(|(span, i)| (served_range(t_ms, *span).0, *i))
+                    .collect()
             })
             .collect();
         if wanted.iter().all(Vec::is_empty) {
             continue;
         }
-        let mut states: Vec<AggState> = aggs.iter().map(Aggregation::empty).collect();
+        let mut states: Vec<Acc<'_>> = aggs.iter().map(Acc::new).collect();
         let mut next = vec![0usize; aggs.len()];
         for (s, e, blob) in buckets.iter().rev() {
             let mut open = false;
@@ -508,7 +578,7 @@ pub fn encoded_row_features_at(
                             valid_until: format_ts(row.cutoff_ms + COMPACT_VALIDITY.millis()),
                         });
                     }
-                    out[wanted[k][next[k]].1] = Some(aggs[k].finalize(&states[k])?);
+                    out[wanted[k][next[k]].1] = Some(states[k].finalize(&aggs[k])?);
                     next[k] += 1;
                 }
                 open |= next[k] < wanted[k].len();
@@ -527,7 +597,7 @@ pub fn encoded_row_features_at(
             }
             for (k, agg) in aggs.iter().enumerate() {
                 if next[k] < wanted[k].len() {
-                    agg.merge_encoded(&mut states[k], &mut r)?;
+                    states[k].merge_encoded(agg, &mut r)?;
                 } else {
                     agg.decode(&mut r)?;
                 }
@@ -535,18 +605,55 @@ pub fn encoded_row_features_at(
         }
         for k in 0..aggs.len() {
             for (_, i) in &wanted[k][next[k]..] {
-                out[*i] = Some(aggs[k].finalize(&states[k])?);
+                out[*i] = Some(states[k].finalize(&aggs[k])?);
             }
         }
     }
     // Tiers the row does not hold (no buckets kept): empty states.
-    for (i, f) in features.iter().enumerate() {
-        if out[i].is_none() {
-            let a = &aggs[f.aggregation];
-            out[i] = Some(a.finalize(&a.empty())?);
+    for per_agg in &plan.by_tier {
+        for (k, windows) in per_agg.iter().enumerate() {
+            for (_, i) in windows {
+                if out[*i].is_none() {
+                    out[*i] = Some(aggs[k].finalize(&aggs[k].empty())?);
+                }
+            }
         }
     }
     Ok(out.into_iter().map(|v| v.expect("filled above")).collect())
+}
+
+/// A state being merged from encoded buckets: `count_distinct` borrows its strings.
+enum Acc<'a> {
+    State(AggState),
+    Distinct(crate::agg::DistinctRef<'a>),
+}
+
+impl<'a> Acc<'a> {
+    fn new(agg: &Aggregation) -> Acc<'a> {
+        match agg.empty() {
+            AggState::Distinct(_) => Acc::Distinct(Default::default()),
+            s => Acc::State(s),
+        }
+    }
+    fn merge_encoded(&mut self, agg: &Aggregation, r: &mut Reader<'a>) -> Result<(), AggError> {
+        match self {
+            Acc::State(s) => agg.merge_encoded(s, r),
+            Acc::Distinct(d) => d.merge_encoded(agg, r),
+        }
+    }
+    fn finalize(&self, agg: &Aggregation) -> Result<Value, AggError> {
+        match self {
+            Acc::State(s) => agg.finalize(s),
+            Acc::Distinct(d) => {
+                i64::try_from(d.len())
+                    .map(Value::Int)
+                    .map_err(|_| AggError::Overflow {
+                        aggregation: agg.name.clone(),
+                        output: agg.output_type,
+                    })
+            }
+        }
+    }
 }
 
 /// Every feature of `view` at the row's own cutoff from the row alone:
@@ -564,25 +671,26 @@ pub fn merge_into(aggs: &[Aggregation], into: &mut Vec<AggState>, other: &[AggSt
     }
 }
 
-/// Builds the encoded row of cutoff `cutoff_ms` from an entity's previous (not compacted) row and
-/// its new buckets without decoding a state: keeps the old buckets inside [`row_range`] that `replaced` does not
-/// claim (the days recomputed this run), adds `fresh` (tier, bucket start, encoded states; one
-/// entry per bucket) inside the range, and sorts each tier by start. With no old row, or with
-/// `replaced` claiming everything, this equals encoding [`build_batch_row`] over the same buckets.
-pub fn splice_row(
+/// Builds the row of cutoff `cutoff_ms` from an entity's previous (not compacted) row and its
+/// new buckets without decoding a state: keeps the old buckets inside [`row_range`] that
+/// `replaced` does not claim (the days recomputed this run), adds `fresh` (tier, bucket start,
+/// encoded states; one entry per bucket) inside the range, and sorts each tier by start. With no
+/// old row, or with `replaced` claiming everything, its encoding equals encoding
+/// [`build_batch_row`] over the same buckets.
+pub fn splice_row<'a>(
     view: &FeatureView,
     cutoff_ms: i64,
-    old: Option<&RowBlobs<'_>>,
+    old: Option<&RowBlobs<'a>>,
     replaced: impl Fn(Tier, i64) -> bool,
-    fresh: &[(Tier, i64, &[u8])],
-) -> Vec<u8> {
+    fresh: &[(Tier, i64, &'a [u8])],
+) -> RowBlobs<'a> {
     let tiers = row_tiers(view)
         .into_iter()
         .map(|tier| {
             let (from, to) = row_range(view, tier, cutoff_ms);
             let inside = |s: i64| s >= from && s < to;
             let width = tier.width(view).millis();
-            let mut buckets: Vec<(i64, i64, &[u8])> = old
+            let mut buckets: Vec<EncodedBucket<'a>> = old
                 .and_then(|o| o.tiers.iter().find(|t| t.0 == tier))
                 .map(|t| {
                     t.1.iter()
@@ -601,7 +709,7 @@ pub fn splice_row(
             (tier, buckets)
         })
         .collect();
-    RowBlobs { cutoff_ms, tiers }.encode()
+    RowBlobs { cutoff_ms, tiers }
 }
 
 /// How long a compacted row serves exactly after its cutoff (the nightly job rewrites it daily).

@@ -7,9 +7,9 @@ use std::path::Path;
 
 use lambda_core::agg::{empty_states, update_all};
 use lambda_core::merge::{
-    BatchRow, COMPACT_VALIDITY, MergeError, Partial, RowBlobs, Tier, Tile, build_batch_row,
-    compact_row, encoded_row_features_at, features_at, features_at_cutoff, row_features_at,
-    splice_row, tier_reach,
+    BatchRow, COMPACT_VALIDITY, FeaturePlan, MergeError, Partial, RowBlobs, Tier, Tile,
+    build_batch_row, compact_row, encoded_row_features_at, features_at, features_at_cutoff,
+    row_body, row_features_at, splice_row, tier_reach,
 };
 use lambda_core::time::{DAY_MS, MINUTE_MS, served_range, tile_start};
 use lambda_core::{FeatureView, Value};
@@ -165,6 +165,7 @@ fn batch_row_plus_tiles_equals_direct_aggregation_at_every_time_after_the_cutoff
         row.encode(&aggs).len()
     );
     let (encoded, encoded_compact) = (row.encode(&aggs), compact.encode(&aggs));
+    let plan = FeaturePlan::new(&v);
     let mut checked = 0;
     // Every 7 minutes + 13 s through the two days after the cutoff, from the cutoff itself, then
     // every 11 h 7 min for 40 days: a row never goes stale (an entity whose events did not change
@@ -228,11 +229,20 @@ fn batch_row_plus_tiles_equals_direct_aggregation_at_every_time_after_the_cutoff
         );
         // Merging straight from the encoded row gives the same, for full and compacted rows.
         assert_eq!(
-            encoded_row_features_at(&v, &RowBlobs::parse(&encoded).unwrap(), t).unwrap(),
+            encoded_row_features_at(
+                &plan,
+                &RowBlobs::parse(&row_body(&encoded).unwrap()).unwrap(),
+                t
+            )
+            .unwrap(),
             row_features_at(&v, &row, t).unwrap()
         );
         assert_eq!(
-            encoded_row_features_at(&v, &RowBlobs::parse(&encoded_compact).unwrap(), t),
+            encoded_row_features_at(
+                &plan,
+                &RowBlobs::parse(&row_body(&encoded_compact).unwrap()).unwrap(),
+                t
+            ),
             row_features_at(&v, &compact, t)
         );
         checked += 1;
@@ -279,7 +289,8 @@ fn splicing_an_old_row_with_new_days_equals_building_the_row_anew() {
         .map(|(t, s, b)| (*t, *s, b.as_slice()))
         .collect();
     // The last old day is recomputed too (as a late file would make the job do).
-    let old_blobs = RowBlobs::parse(&old).unwrap();
+    let old_body = row_body(&old).unwrap();
+    let old_blobs = RowBlobs::parse(&old_body).unwrap();
     let spliced = splice_row(
         &v,
         cutoff,
@@ -287,11 +298,17 @@ fn splicing_an_old_row_with_new_days_equals_building_the_row_anew() {
         |_, s| s >= old_cutoff - DAY_MS,
         &fresh,
     );
-    assert_eq!(RowBlobs::parse(&spliced).unwrap().encode(), spliced);
+    let spliced = spliced.encode();
+    assert_eq!(
+        RowBlobs::parse(&row_body(&spliced).unwrap())
+            .unwrap()
+            .encode(),
+        spliced
+    );
     assert_eq!(BatchRow::decode(&aggs, &spliced).unwrap(), want);
     assert_eq!(spliced, want.encode(&aggs));
     // Claiming nothing keeps the old buckets: a stale old day would survive, so the test can fail.
-    let wrong = splice_row(&v, cutoff, Some(&old_blobs), |_, _| false, &fresh);
+    let wrong = splice_row(&v, cutoff, Some(&old_blobs), |_, _| false, &fresh).encode();
     assert_ne!(wrong, spliced);
 }
 
