@@ -29,13 +29,13 @@ step "3. The batch SQL generated from the definition (as of the end of the data)
 head -n 8 "$dir/fraud_user.sql"
 echo "  … ($(wc -l < "$dir/fraud_user.sql") lines in $dir/fraud_user.sql)"
 
-step "4. The nightly batch job (embedded default: local Parquet in, redb online store out)"
+step "4. The nightly batch job up to 2025-12-31 (embedded default: local Parquet in, redb online store out)"
 rm -rf "$dir/offline" "$dir/online.redb"
 "$bin/lambda-batch" run --view examples/fraud/features.toml --history "$dir/history" \
-  --offline "$dir/offline" --store "$dir/online.redb" --cutoff 2026-01-01 --row-ttl-days 3650
+  --offline "$dir/offline" --store "$dir/online.redb" --cutoff 2025-12-31 --row-ttl-days 3650
 echo "offline store:"; find "$dir/offline" -name '*.parquet' | sed 's|/part-0.parquet||' | sort | tail -3
 
-step "5. An incremental night: only the new day is read"
+step "5. The next night (2026-01-01): only the new day is read, only entities with events that day are rewritten"
 "$bin/lambda-batch" run --view examples/fraud/features.toml --history "$dir/history" \
   --offline "$dir/offline" --store "$dir/online.redb" --cutoff 2026-01-01 --row-ttl-days 3650
 
