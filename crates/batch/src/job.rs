@@ -908,6 +908,14 @@ pub async fn run(
     let (ack_tx, ack_rx) = std::sync::mpsc::channel::<usize>();
     let features_rel = format!("{base}/features/cutoff={}/part-0.parquet", date_of(c));
     let features_url = opts.offline.url_of(&features_rel);
+    // Rerunning the committed night keeps the entities its features file already lists (the rerun
+    // only finds what changed since that night's commit).
+    let previous_features = match &committed {
+        Some(prev) if rebuild.is_none() && prev.cutoff_ms == c => {
+            read_features(&opts.offline, &features_rel).await?
+        }
+        _ => Vec::new(),
+    };
     let encoded = std::thread::scope(|scope| {
         let uploader = scope.spawn(move || -> Result<(), BatchError> {
             for chunk in rx {
@@ -960,6 +968,14 @@ pub async fn run(
         drop(tx);
         // The features file is encoded here while the last rows upload (with hand-written SQL,
         // after its query).
+        if !previous_features.is_empty() {
+            let fresh: BTreeSet<String> = feature_rows.iter().map(|r| r.0.clone()).collect();
+            feature_rows.extend(
+                previous_features
+                    .into_iter()
+                    .filter(|(e, _)| !fresh.contains(e)),
+            );
+        }
         feature_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let encoded = match (&built_ok, &view.batch.sql) {
             (Ok(()), None) => Some(encode_features(view, &features_url, &feature_rows)),
@@ -975,7 +991,7 @@ pub async fn run(
         encoded.transpose()
     })?;
     summary.compacted = full_rows.len();
-    summary.entities = changed_rows.len();
+    summary.entities = written;
     summary.features_written = feature_rows.len();
     summary.rebuild = rebuild.clone();
     tracing::info!(view = %view.name, rows = written, features = feature_rows.len(), elapsed_s = started.elapsed().as_secs_f64(), "Batch rows built and uploaded.");
@@ -1059,6 +1075,41 @@ async fn previous_rows(
         for (e, item) in chunk.iter().zip(store.batch_get(&keys).await?) {
             if let Some(item) = item {
                 out.insert(e.to_string(), item.data);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The rows of an offline features file (entity, feature values), or none if it does not exist.
+async fn read_features(
+    offline: &Location,
+    rel: &str,
+) -> Result<Vec<(String, Vec<Value>)>, BatchError> {
+    let url = offline.url_of(rel);
+    let perr = |e: &dyn std::fmt::Display| BatchError::Parquet {
+        url: url.clone(),
+        message: e.to_string(),
+    };
+    let Some(data) = offline.get(rel).await? else {
+        return Ok(Vec::new());
+    };
+    let reader = ParquetRecordBatchReaderBuilder::try_new(data)
+        .and_then(|b| b.build())
+        .map_err(|e| perr(&e))?;
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.map_err(|e| perr(&e))?;
+        for i in 0..b.num_rows() {
+            let mut vals = b
+                .columns()
+                .iter()
+                .map(|c| value_at(c.as_ref(), i))
+                .collect::<Result<Vec<Value>, String>>()
+                .map_err(|e| perr(&e))?;
+            match vals.remove(0) {
+                Value::Str(e) => out.push((e, vals)),
+                other => return Err(perr(&format!("row {i}: entity is {other:?}"))),
             }
         }
     }

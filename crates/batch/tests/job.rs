@@ -176,9 +176,14 @@ async fn full_and_incremental_runs_agree_and_reruns_are_idempotent() {
         assert!(same_features(got, want), "{e}: {got:?} vs {want:?}");
     }
     assert!(full_feats.keys().all(|e| as_of.contains_key(e)));
-    // Rerun of the same night: the same rows.
+    // Rerun of the same night: the same rows, and the night's features file still lists every
+    // entity whose features changed that night.
     run_into(&d, &tmp.path().join("off-inc"), &inc_store, d.end, false).await;
     assert_equivalent(&rows(&inc_store, &users()).await, &a, "rerun");
+    assert_eq!(
+        offline_features(&off_inc, "2026-01-01").await.len(),
+        delta.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
