@@ -765,38 +765,57 @@ impl Aggregation {
             self.merge(state, &other);
             return Ok(());
         };
-        let codec = |source| AggError::Codec {
-            aggregation: self.name.clone(),
-            source,
-        };
-        let tag = r.u8().map_err(codec)?;
-        if tag != b's' {
-            return Err(codec(CodecError::KindMismatch {
-                found: (tag as char).to_string(),
-                expected: "s".into(),
-            }));
-        }
-        let mut read = || -> Result<(), CodecError> {
-            let n = r.u64()? as usize;
-            for _ in 0..n {
-                match r.u8()? {
-                    0 => {
-                        set.nums.insert(r.i128()?);
-                    }
-                    1 => {
-                        let v = r.str()?;
-                        if !set.strs.contains(v) {
-                            set.strs.insert(v.into());
-                        }
-                    }
-                    2 => set.bools[(r.u8()? != 0) as usize] = true,
-                    t => return Err(CodecError::Corrupt(format!("distinct key tag {t}"))),
+        read_encoded_distinct(self, r, |v| match v {
+            DistinctItem::Num(n) => {
+                set.nums.insert(n);
+            }
+            DistinctItem::Str(s) => {
+                if !set.strs.contains(s) {
+                    set.strs.insert(s.into());
                 }
             }
-            Ok(())
-        };
-        read().map_err(codec)
+            DistinctItem::Bool(b) => set.bools[b as usize] = true,
+        })
     }
+}
+
+/// One value of an encoded distinct state, borrowed from the encoding.
+enum DistinctItem<'a> {
+    Num(i128),
+    Str(&'a str),
+    Bool(bool),
+}
+
+/// Reads an encoded distinct state of `agg` (tag, count, values), handing each value to `add`.
+fn read_encoded_distinct<'a>(
+    agg: &Aggregation,
+    r: &mut Reader<'a>,
+    mut add: impl FnMut(DistinctItem<'a>),
+) -> Result<(), AggError> {
+    let codec = |source| AggError::Codec {
+        aggregation: agg.name.clone(),
+        source,
+    };
+    let tag = r.u8().map_err(codec)?;
+    if tag != b's' {
+        return Err(codec(CodecError::KindMismatch {
+            found: (tag as char).to_string(),
+            expected: "s".into(),
+        }));
+    }
+    let mut read = || -> Result<(), CodecError> {
+        let n = r.u64()? as usize;
+        for _ in 0..n {
+            match r.u8()? {
+                0 => add(DistinctItem::Num(r.i128()?)),
+                1 => add(DistinctItem::Str(r.str()?)),
+                2 => add(DistinctItem::Bool(r.u8()? != 0)),
+                t => return Err(CodecError::Corrupt(format!("distinct key tag {t}"))),
+            }
+        }
+        Ok(())
+    };
+    read().map_err(codec)
 }
 
 /// A distinct set that borrows its strings from encoded states (the batch job finalizes
@@ -812,35 +831,15 @@ pub struct DistinctRef<'a> {
 impl<'a> DistinctRef<'a> {
     /// Adds the values of an encoded distinct state of aggregation `agg` (read from `r`).
     pub fn merge_encoded(&mut self, agg: &Aggregation, r: &mut Reader<'a>) -> Result<(), AggError> {
-        let codec = |source| AggError::Codec {
-            aggregation: agg.name.clone(),
-            source,
-        };
-        let tag = r.u8().map_err(codec)?;
-        if tag != b's' {
-            return Err(codec(CodecError::KindMismatch {
-                found: (tag as char).to_string(),
-                expected: "s".into(),
-            }));
-        }
-        let mut read = || -> Result<(), CodecError> {
-            let n = r.u64()? as usize;
-            self.strs.reserve(n);
-            for _ in 0..n {
-                match r.u8()? {
-                    0 => {
-                        self.nums.insert(r.i128()?);
-                    }
-                    1 => {
-                        self.strs.insert(r.str()?);
-                    }
-                    2 => self.bools[(r.u8()? != 0) as usize] = true,
-                    t => return Err(CodecError::Corrupt(format!("distinct key tag {t}"))),
-                }
+        read_encoded_distinct(agg, r, |v| match v {
+            DistinctItem::Num(n) => {
+                self.nums.insert(n);
             }
-            Ok(())
-        };
-        read().map_err(codec)
+            DistinctItem::Str(s) => {
+                self.strs.insert(s);
+            }
+            DistinctItem::Bool(b) => self.bools[b as usize] = true,
+        })
     }
 
     /// Number of distinct values (what `count_distinct` finalizes to).

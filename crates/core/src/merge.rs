@@ -398,13 +398,8 @@ pub fn features_at(
 ) -> Result<Vec<Value>, MergeError> {
     let aggs = view.aggs();
     let cutoff = row.map(|r| r.cutoff_ms);
-    if let Some(c) = cutoff
-        && t_ms < c
-    {
-        return Err(MergeError::BeforeCutoff {
-            cutoff: format_ts(c),
-            at: format_ts(t_ms),
-        });
+    if let Some(c) = cutoff {
+        not_before(c, t_ms)?;
     }
     let tile_width = view.speed.tile.millis();
     let mut out = Vec::new();
@@ -444,12 +439,7 @@ pub fn row_features_at(
     row: &BatchRow,
     t_ms: i64,
 ) -> Result<Vec<Value>, MergeError> {
-    if t_ms < row.cutoff_ms {
-        return Err(MergeError::BeforeCutoff {
-            cutoff: format_ts(row.cutoff_ms),
-            at: format_ts(t_ms),
-        });
-    }
+    not_before(row.cutoff_ms, t_ms)?;
     let aggs = view.aggs();
     let features = view.features();
     let mut out: Vec<Option<Value>> = vec![None; features.len()];
@@ -543,12 +533,7 @@ pub fn encoded_row_features_at(
     row: &RowBlobs<'_>,
     t_ms: i64,
 ) -> Result<Vec<Value>, MergeError> {
-    if t_ms < row.cutoff_ms {
-        return Err(MergeError::BeforeCutoff {
-            cutoff: format_ts(row.cutoff_ms),
-            at: format_ts(t_ms),
-        });
-    }
+    not_before(row.cutoff_ms, t_ms)?;
     let aggs = &plan.aggs;
     let mut out: Vec<Option<Value>> = vec![None; plan.features];
     for (tier, buckets) in &row.tiers {
@@ -714,6 +699,17 @@ pub fn splice_row<'a>(
 
 /// How long a compacted row serves exactly after its cutoff (the nightly job rewrites it daily).
 pub const COMPACT_VALIDITY: Span = Span::days(2);
+
+/// A row of cutoff `cutoff_ms` cannot serve a time before it.
+fn not_before(cutoff_ms: i64, t_ms: i64) -> Result<(), MergeError> {
+    if t_ms < cutoff_ms {
+        return Err(MergeError::BeforeCutoff {
+            cutoff: format_ts(cutoff_ms),
+            at: format_ts(t_ms),
+        });
+    }
+    Ok(())
+}
 
 fn stale(row: &BatchRow, t_ms: i64) -> MergeError {
     MergeError::Stale {

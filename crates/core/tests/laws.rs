@@ -5,9 +5,11 @@
 //! relative error of 1e-9 (the documented bound for sums and moments of at most a few hundred
 //! values of magnitude ≤ 1e6).
 //!
-//! Encoding is checked too: decode(encode(s)) == s, and equal exact states encode to equal bytes.
+//! Encoding is checked too: decode(encode(s)) == s, equal exact states encode to equal bytes, and
+//! merging straight from the bytes (the batch job's path) equals decoding and merging.
 
-use lambda_core::agg::{AggState, decode_states, encode_states};
+use lambda_core::agg::{AggState, DistinctRef, decode_states, encode_states};
+use lambda_core::codec::Reader;
 use lambda_core::filter::Filter;
 use lambda_core::{AggFunction, Aggregation, ColumnType, Value};
 use proptest::prelude::*;
@@ -201,6 +203,27 @@ fn check_laws(
         let back = decode_states(aggs, &bytes).unwrap();
         assert_same(&a, &back[0], &whole)?;
         prop_assert_eq!(encode_states(aggs, &back), bytes);
+        // Merging straight from the encoding equals decoding and merging.
+        let mut from_bytes = merged(&a, &p, &q);
+        let r_bytes = encode_states(aggs, std::slice::from_ref(&r));
+        let mut reader = Reader::new(&r_bytes[1..]);
+        a.merge_encoded(&mut from_bytes, &mut reader).unwrap();
+        prop_assert!(reader.is_empty());
+        prop_assert_eq!(&from_bytes, &merged(&a, &merged(&a, &p, &q), &r));
+        // The borrowed distinct set counts the same values.
+        if let AggState::Distinct(set) = &whole {
+            let parts: Vec<Vec<u8>> = [&p, &q, &r]
+                .iter()
+                .map(|part| encode_states(aggs, std::slice::from_ref(*part)))
+                .collect();
+            let mut borrowed = DistinctRef::default();
+            for b in &parts {
+                borrowed
+                    .merge_encoded(&a, &mut Reader::new(&b[1..]))
+                    .unwrap();
+            }
+            prop_assert_eq!(borrowed.len(), set.len());
+        }
     }
     Ok(())
 }
