@@ -698,24 +698,22 @@ pub async fn run(
                 // No history that day: empty partial files record it as done.
                 todo.iter().map(|t| (t.0, Vec::new())).collect()
             };
-            let mut tiles = Vec::new();
-            for (tier, batches) in parts {
-                if tier == Tier::Tile {
-                    tiles = batches;
-                } else {
+            for (tier, batches) in &parts {
+                if *tier != Tier::Tile {
                     write_parquet(
                         &opts.offline,
-                        &partial_path(tier, day),
+                        &partial_path(*tier, day),
                         partial_schema(),
-                        &batches,
+                        batches,
                     )
                     .await?;
                     opts.offline
-                        .put(&inputs_path(tier, day), inputs.clone())
+                        .put(&inputs_path(*tier, day), inputs.clone())
                         .await?;
                 }
             }
-            Ok((day, Some((r, b, opts.history.url_of(&dir), tiles))))
+            // The computed partials are used from memory (the stored files are the same rows).
+            Ok((day, Some((r, b, opts.history.url_of(&dir), parts))))
         },
     ))
     .buffered(DAYS_AT_ONCE);
@@ -728,8 +726,9 @@ pub async fn run(
         while let Some(result) = computed.next().await {
             let (day, done) = result?;
             n += 1;
+            let mut in_memory = BTreeMap::new();
             match done {
-                Some((r, b, dir_url, tiles)) => {
+                Some((r, b, dir_url, parts)) => {
                     summary.rows_in += r;
                     summary.bytes_in += b;
                     if b > 0 {
@@ -747,9 +746,10 @@ pub async fn run(
                         .find(|x| x.0 == Tier::Tile)
                         .map(|x| (x.1, x.2))
                         .unwrap_or((c, c));
-                    for b in &tiles {
+                    for b in parts.get(&Tier::Tile).into_iter().flatten() {
                         add_partials(b, &dir_url, &mut rows, Tier::Tile, from, to)?;
                     }
+                    in_memory = parts;
                 }
                 None => summary.days_reused += 1,
             }
@@ -757,7 +757,12 @@ pub async fn run(
                 continue;
             }
             for (tier, from, to) in needs.iter().filter(|t| t.0 != Tier::Tile) {
-                if day + DAY_MS > *from && day < *to {
+                if let Some(batches) = in_memory.get(tier) {
+                    let url = opts.offline.url_of(&partial_path(*tier, day));
+                    for b in batches {
+                        add_partials(b, &url, &mut rows, *tier, *from, *to)?;
+                    }
+                } else if day + DAY_MS > *from && day < *to {
                     read_partials(
                         &opts.offline,
                         &partial_path(*tier, day),

@@ -538,25 +538,19 @@ pub fn encoded_row_features_at(
     let mut out: Vec<Option<Value>> = vec![None; plan.features];
     for (tier, buckets) in &row.tiers {
         let ti = Tier::ALL.iter().position(|x| x == tier).unwrap_or(0);
-        // Per aggregation: (window start at t, feature index), window starts descending.
-        let wanted: Vec<Vec<(i64, usize)>> = plan.by_tier[ti]
-            .iter()
-            .map(|w| {
-                w.iter()
-                    .map(|(span, i)| (served_range(t_ms, *span).0, *i))
-                    .collect()
-            })
-            .collect();
+        // Per aggregation: its windows, shortest first (window starts at t descend).
+        let wanted = &plan.by_tier[ti];
         if wanted.iter().all(Vec::is_empty) {
             continue;
         }
+        let start = |k: usize, j: usize| served_range(t_ms, wanted[k][j].0).0;
         let mut states: Vec<Acc<'_>> = aggs.iter().map(Acc::new).collect();
         let mut next = vec![0usize; aggs.len()];
         for (s, e, blob) in buckets.iter().rev() {
             let mut open = false;
             for k in 0..aggs.len() {
-                while next[k] < wanted[k].len() && *s < wanted[k][next[k]].0 {
-                    if *e > wanted[k][next[k]].0 {
+                while next[k] < wanted[k].len() && *s < start(k, next[k]) {
+                    if *e > start(k, next[k]) {
                         return Err(MergeError::Stale {
                             cutoff: format_ts(row.cutoff_ms),
                             at: format_ts(t_ms),

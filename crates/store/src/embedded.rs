@@ -126,9 +126,17 @@ impl EmbeddedStore {
             })?;
         }
         let db = Database::create(&path).map_err(|e| err(e.into()))?;
-        let txn = db.begin_write().map_err(|e| err(e.into()))?;
-        txn.open_table(ITEMS).map_err(|e| err(e.into()))?;
-        txn.commit().map_err(|e| err(e.into()))?;
+        // Create the table once (a write transaction is a disk sync; reopening needs none).
+        let exists = db
+            .begin_read()
+            .map_err(|e| err(e.into()))?
+            .open_table(ITEMS)
+            .is_ok();
+        if !exists {
+            let txn = db.begin_write().map_err(|e| err(e.into()))?;
+            txn.open_table(ITEMS).map_err(|e| err(e.into()))?;
+            txn.commit().map_err(|e| err(e.into()))?;
+        }
         Ok(EmbeddedStore {
             db: Arc::new(db),
             path,
