@@ -211,6 +211,16 @@ fn date_of(day_ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// The stored partials of one tier and day, below the offline store.
+fn partial_rel(view: &FeatureView, tier: Tier, day: i64) -> String {
+    format!(
+        "{}/partials/tier={}/date={}/part-0.parquet",
+        view.name,
+        tier.name(),
+        date_of(day)
+    )
+}
+
 fn partial_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("entity", DataType::Utf8, false),
@@ -604,13 +614,7 @@ pub async fn run(
         days.push(d);
         d += DAY_MS;
     }
-    let partial_path = |tier: Tier, day: i64| {
-        format!(
-            "{base}/partials/tier={}/date={}/part-0.parquet",
-            tier.name(),
-            date_of(day)
-        )
-    };
+    let partial_path = |tier: Tier, day: i64| partial_rel(view, tier, day);
     let inputs_path = |tier: Tier, day: i64| {
         format!(
             "{base}/partials/tier={}/date={}/_inputs.json",
@@ -1346,12 +1350,7 @@ async fn leaving_entities(
         let (from, to) = (prev_cutoff - w.millis(), cutoff - w.millis());
         let mut day = tile_start(from, lambda_core::Span::days(1));
         while day < to {
-            let rel = format!(
-                "{}/partials/tier={}/date={}/part-0.parquet",
-                view.name,
-                source.name(),
-                date_of(day)
-            );
+            let rel = partial_rel(view, source, day);
             if let Some(data) = offline.get(&rel).await? {
                 let url = offline.url_of(&rel);
                 let perr = |e: &dyn std::fmt::Display| BatchError::Parquet {

@@ -432,54 +432,17 @@ pub fn features_at(
 
 /// Every feature of `view` at time `t ≥ row.cutoff_ms` from the row alone, without speed tiles
 /// (what the batch job writes to the offline store): equal to
-/// [`features_at`]`(view, Some(row), &[], t)`, but each aggregation walks a tier's buckets once
-/// for all its windows (the shorter window's value is taken on the way to the longer one).
+/// [`features_at`]`(view, Some(row), &[], t)`, computed like the batch job does, by
+/// [`encoded_row_features_at`] over the row's encoding (one pass per aggregation and tier).
 pub fn row_features_at(
     view: &FeatureView,
     row: &BatchRow,
     t_ms: i64,
 ) -> Result<Vec<Value>, MergeError> {
     not_before(row.cutoff_ms, t_ms)?;
-    let aggs = view.aggs();
-    let features = view.features();
-    let mut out: Vec<Option<Value>> = vec![None; features.len()];
-    for (k, agg) in aggs.iter().enumerate() {
-        for tier in Tier::ALL {
-            // This aggregation's windows of this tier, shortest first: window starts descend.
-            let mut wanted: Vec<(i64, usize)> = features
-                .iter()
-                .enumerate()
-                .filter(|(_, f)| f.aggregation == k && Tier::of_window(f.window) == tier)
-                .map(|(i, f)| (served_range(t_ms, f.window).0, i))
-                .collect();
-            if wanted.is_empty() {
-                continue;
-            }
-            wanted.sort_by_key(|w| std::cmp::Reverse(w.0));
-            let mut state = agg.empty();
-            let mut next = 0;
-            for (s, e, states) in row.buckets(tier).iter().rev() {
-                while next < wanted.len() && *s < wanted[next].0 {
-                    if *e > wanted[next].0 {
-                        return Err(stale(row, t_ms));
-                    }
-                    out[wanted[next].1] = Some(agg.finalize(&state)?);
-                    next += 1;
-                }
-                if next == wanted.len() {
-                    break;
-                }
-                agg.merge(&mut state, &states[k]);
-            }
-            for (_, i) in &wanted[next..] {
-                out[*i] = Some(agg.finalize(&state)?);
-            }
-        }
-    }
-    Ok(out
-        .into_iter()
-        .map(|v| v.expect("every feature has an aggregation and a tier"))
-        .collect())
+    let encoded = row.encode(&view.aggs());
+    let body = row_body(&encoded)?;
+    encoded_row_features_at(&FeaturePlan::new(view), &RowBlobs::parse(&body)?, t_ms)
 }
 
 /// What finalizing a view's features from encoded rows needs, prepared once (the batch job
@@ -525,9 +488,10 @@ impl FeaturePlan {
     }
 }
 
-/// [`row_features_at`] over an encoded row, merging every state straight from its bytes (no
-/// per-bucket state is built; distinct strings are borrowed): the same values, bit for bit, for
-/// the batch job's offline features.
+/// Every feature at `t` from an encoded row alone, merging every state straight from its bytes
+/// (no per-bucket state is built; distinct strings are borrowed), newest bucket first like
+/// [`features_at`], so the values agree bit for bit. Each aggregation walks a tier's buckets once
+/// for all its windows (the shorter window's value is taken on the way to the longer one).
 pub fn encoded_row_features_at(
     plan: &FeaturePlan,
     row: &RowBlobs<'_>,
