@@ -28,6 +28,7 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
+use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::arrow::parquet_to_arrow_schema;
@@ -184,7 +185,7 @@ pub struct RunSummary {
     pub compacted: usize,
 }
 
-/// History days computed at once (each day's query also runs on several threads).
+/// History days computed at once (each on one partition; a day's tiers are queries of their own).
 const DAYS_AT_ONCE: usize = 2;
 
 /// (tier, bucket start, array, row): the encoded states are `arrays[array].value(row)` of the
@@ -434,7 +435,9 @@ async fn partials_of_distinct(
             ids,
         });
     }
-    let mut out = BTreeMap::new();
+    // The tiers are independent queries: each runs as its own task (one partition each, so
+    // both cores work on a single day).
+    let mut queries = Vec::new();
     for (tier, from, to) in tiers {
         let (from, to) = ((*from).max(day), (*to).min(day + DAY_MS));
         if from >= to {
@@ -442,17 +445,22 @@ async fn partials_of_distinct(
         }
         let text = sql::partial_states_of_distinct(view, table, tier.width(view), from, to);
         let what = format!("{} partials of {}", tier.name(), date_of(day));
-        let batches = ctx
-            .sql(&text)
-            .await
-            .map_err(q(what.clone()))?
-            .collect()
-            .await
-            .map_err(q(what))?;
-        out.insert(
-            *tier,
-            to_partial_batches(&batches, view.aggregations.len())?,
-        );
+        let ctx = ctx.clone();
+        let task = tokio::spawn(async move {
+            let batches = match ctx.sql(&text).await {
+                Ok(df) => df.collect().await,
+                Err(e) => Err(e),
+            };
+            batches.map_err(|source| BatchError::Query { what, source })
+        });
+        queries.push((*tier, task));
+    }
+    let mut out = BTreeMap::new();
+    for (tier, task) in queries {
+        let batches = task.await.map_err(|e| {
+            BatchError::Config(format!("a partial-state query task failed (a bug): {e}"))
+        })??;
+        out.insert(tier, to_partial_batches(&batches, view.aggregations.len())?);
     }
     Ok(out)
 }
@@ -595,6 +603,14 @@ pub async fn run(
     let ctx = crate::session();
     register_state_functions(&ctx, view);
     opts.history.register(&ctx);
+    // Each day's queries run on one partition: the cores are kept busy by the days and tiers
+    // computed at once, and a single-phase aggregation does not encode and decode every state a
+    // second time between a partial and a final phase.
+    let day_ctx = SessionContext::new_with_state(
+        SessionStateBuilder::new_from_existing(ctx.state())
+            .with_config(ctx.copied_config().with_target_partitions(1))
+            .build(),
+    );
     let base = &view.name;
     let mut summary = RunSummary::default();
     // What each tier needs: [C - reach, C).
@@ -687,7 +703,7 @@ pub async fn run(
     }
     // 2. Compute the days that need it, a few at once (one day's file is too small to keep both
     //    cores busy); results are applied in day order.
-    let ctx = &ctx;
+    let day_ctx = &day_ctx;
     let partial_path = &partial_path;
     let inputs_path = &inputs_path;
     let mut computed = futures::stream::iter(plans.into_iter().map(
@@ -697,7 +713,7 @@ pub async fn run(
             }
             let (r, b) = check_partition(view, &opts.history, &dir, &files).await?;
             let parts = if b > 0 {
-                day_partials(ctx, view, &opts.history.url_of(&dir), day, &todo).await?
+                day_partials(day_ctx, view, &opts.history.url_of(&dir), day, &todo).await?
             } else {
                 // No history that day: empty partial files record it as done.
                 todo.iter().map(|t| (t.0, Vec::new())).collect()
@@ -781,12 +797,24 @@ pub async fn run(
         }
         Ok::<_, BatchError>(())
     };
+    // Found on a task of its own: reading the stored partial files is CPU work that would
+    // otherwise wait for the polls of the day's queries.
+    let leaving_task = match &committed {
+        Some(prev) if c > prev.cutoff_ms => {
+            let (view, offline) = (view.clone(), opts.offline.clone());
+            let (from, changed) = (prev.cutoff_ms, changed.clone());
+            Some(tokio::spawn(async move {
+                leaving_entities(&view, &offline, from, c, &changed).await
+            }))
+        }
+        _ => None,
+    };
     let leaving = async {
-        let leaving = match &committed {
-            Some(prev) if c > prev.cutoff_ms => {
-                leaving_entities(view, &opts.offline, prev.cutoff_ms, c).await?
-            }
-            _ => BTreeSet::new(),
+        let leaving = match leaving_task {
+            Some(task) => task.await.map_err(|e| {
+                BatchError::Config(format!("finding the leaving entities failed (a bug): {e}"))
+            })??,
+            None => BTreeSet::new(),
         };
         let rows = if rebuild.is_none() {
             previous_rows(store, view, leaving.iter().map(String::as_str)).await?
@@ -945,36 +973,29 @@ pub async fn run(
             }
         };
         let mut pending: Vec<Item> = Vec::new();
-        let mut built_ok = Ok(());
-        for part in work.chunks(4_096) {
-            match par_map(part, threads, build_one) {
-                Ok(built) => {
-                    for (item, full, f) in built {
-                        if let Some(item) = item {
-                            summary.row_bytes += item.data.len() as u64;
-                            if let Some(full) = full {
-                                full_rows.push((f.0.clone(), full));
-                            }
-                            pending.push(item);
-                            written += 1;
-                        }
-                        feature_rows.push(f);
+        let built_ok = par_map_each(&work, threads, build_one, |built| {
+            for (item, full, f) in built {
+                if let Some(item) = item {
+                    summary.row_bytes += item.data.len() as u64;
+                    if let Some(full) = full {
+                        full_rows.push((f.0.clone(), full));
                     }
+                    pending.push(item);
+                    written += 1;
                 }
-                Err(e) => {
-                    built_ok = Err(e);
-                    break;
-                }
+                feature_rows.push(f);
             }
             if pending.len() >= 5_000 && tx.send(std::mem::take(&mut pending)).is_err() {
-                break; // the uploader failed: its error is returned below
+                return false; // the uploader failed: its error is returned below
             }
             report(&mut progress);
-        }
+            true
+        });
         if built_ok.is_ok() && !pending.is_empty() {
             let _ = tx.send(pending);
         }
         drop(tx);
+        tracing::debug!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Rows and features built.");
         // The features file is encoded here while the last rows upload (with hand-written SQL,
         // after its query).
         if !previous_features.is_empty() {
@@ -990,6 +1011,7 @@ pub async fn run(
             (Ok(()), None) => Some(encode_features(view, &features_url, &feature_rows)),
             _ => None,
         };
+        tracing::debug!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Features encoded.");
         let uploaded_ok = uploader.join().unwrap_or_else(|_| {
             Err(BatchError::Config(
                 "the upload thread panicked (a bug)".into(),
@@ -1005,7 +1027,7 @@ pub async fn run(
     summary.rebuild = rebuild.clone();
     tracing::info!(view = %view.name, rows = written, features = feature_rows.len(), elapsed_s = started.elapsed().as_secs_f64(), "Batch rows built and uploaded.");
     if let Some(file) = &view.batch.sql {
-        let hand = hand_written_features(ctx, opts, file).await?;
+        let hand = hand_written_features(&ctx, opts, file).await?;
         // Compared on the entities with data (a rebuild: every one); entities whose data all left
         // the windows are not rows of the hand-written SQL.
         let with_data: BTreeSet<&str> = changed_rows.iter().map(|r| r.0.as_str()).collect();
@@ -1126,55 +1148,65 @@ async fn read_features(
 }
 
 /// Maps `f` over `items` on `threads` threads that take chunks of 256 in turn (a busy entity costs
-/// far more than an idle one); the results in input order, or the first error.
-fn par_map<T: Sync, R: Send>(
+/// far more than an idle one), handing each chunk's results to `sink` on the calling thread, in
+/// input order, as soon as they are ready (the threads are started once for all the chunks).
+/// Stops at the first error (returned) or when `sink` returns false.
+fn par_map_each<T: Sync, R: Send>(
     items: &[T],
     threads: usize,
     f: impl Fn(&T) -> Result<R, BatchError> + Sync,
-) -> Result<Vec<R>, BatchError> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    mut sink: impl FnMut(Vec<R>) -> bool,
+) -> Result<(), BatchError> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let chunks: Vec<&[T]> = items.chunks(256).collect();
-    let next = AtomicUsize::new(0);
-    let (chunks, next, f) = (&chunks, &next, &f);
-    let mut done: Vec<(usize, Result<Vec<R>, BatchError>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads.max(1))
+    let (next, stop) = (AtomicUsize::new(0), AtomicBool::new(false));
+    let (chunks, next, stop, f) = (&chunks, &next, &stop, &f);
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<Vec<R>, BatchError>)>();
+        let workers: Vec<_> = (0..threads.max(1))
             .map(|_| {
+                let tx = tx.clone();
                 scope.spawn(move || {
-                    let mut mine = Vec::new();
-                    loop {
+                    while !stop.load(Ordering::Relaxed) {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(chunk) = chunks.get(i) else { break };
                         let r: Result<Vec<R>, BatchError> = chunk.iter().map(f).collect();
-                        let failed = r.is_err();
-                        mine.push((i, r));
-                        if failed {
+                        if tx.send((i, r)).is_err() {
                             break;
                         }
                     }
-                    mine
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    vec![(
-                        usize::MAX,
-                        Err(BatchError::Config(
-                            "a worker thread panicked (a bug)".into(),
-                        )),
-                    )]
-                })
-            })
-            .collect()
-    });
-    done.sort_by_key(|d| d.0);
-    let mut out = Vec::with_capacity(items.len());
-    for (_, r) in done {
-        out.extend(r?);
-    }
-    Ok(out)
+        drop(tx);
+        // Results arrive in any order; they are handed on in input order.
+        let mut ready = BTreeMap::new();
+        let (mut expected, mut result, mut more) = (0, Ok(()), true);
+        for (i, r) in rx {
+            if result.is_err() || !more {
+                continue;
+            }
+            ready.insert(i, r);
+            while let Some(r) = ready.remove(&expected) {
+                expected += 1;
+                match r {
+                    Ok(built) => more = sink(built),
+                    Err(e) => result = Err(e),
+                }
+                if result.is_err() || !more {
+                    stop.store(true, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        let panicked = workers.into_iter().any(|w| w.join().is_err());
+        if panicked && result.is_ok() {
+            result = Err(BatchError::Config(
+                "a worker thread panicked (a bug)".into(),
+            ));
+        }
+        result
+    })
 }
 
 /// What the online batch view reflects, recorded after a run's rows and features are written:
@@ -1330,68 +1362,75 @@ fn rebuild_reason(
 /// The entities with a bucket that leaves one of the view's windows between the committed
 /// cutoff and `cutoff` (their features change without a change of their data), from the
 /// stored partial files: day files for day windows, hour files for hour windows and for tile
-/// windows (day files when the view has no hour tier, a superset).
+/// windows (day files when the view has no hour tier, a superset). Each file is read once, and
+/// the days in `rewritten` are skipped (their entities get new rows anyway).
 async fn leaving_entities(
     view: &FeatureView,
     offline: &Location,
     prev_cutoff: i64,
     cutoff: i64,
+    rewritten: &BTreeSet<i64>,
 ) -> Result<BTreeSet<String>, BatchError> {
     let tiers = row_tiers(view);
-    let mut out = BTreeSet::new();
+    // Per stored file (tier, day): the bucket ranges [from, to) that leave a window.
+    let mut files: BTreeMap<(Tier, i64), Vec<(i64, i64)>> = BTreeMap::new();
     for w in lambda_core::merge::distinct_windows(view) {
-        let tier = Tier::of_window(w);
-        let source = match tier {
+        let source = match Tier::of_window(w) {
             Tier::Tile if tiers.contains(&Tier::Hour) => Tier::Hour,
             Tier::Tile => Tier::Day,
             t => t,
         };
-        let width = source.width(view).millis();
         let (from, to) = (prev_cutoff - w.millis(), cutoff - w.millis());
         let mut day = tile_start(from, lambda_core::Span::days(1));
         while day < to {
-            let rel = partial_rel(view, source, day);
-            if let Some(data) = offline.get(&rel).await? {
-                let url = offline.url_of(&rel);
-                let perr = |e: &dyn std::fmt::Display| BatchError::Parquet {
-                    url: url.clone(),
-                    message: e.to_string(),
-                };
-                let builder =
-                    ParquetRecordBatchReaderBuilder::try_new(data).map_err(|e| perr(&e))?;
-                let mask = datafusion::parquet::arrow::ProjectionMask::roots(
-                    builder.parquet_schema(),
-                    [0, 1],
-                );
-                for b in builder
-                    .with_projection(mask)
-                    .build()
-                    .map_err(|e| perr(&e))?
-                {
-                    let b = b.map_err(|e| perr(&e))?;
-                    let bad = || BatchError::Schema {
-                        url: url.clone(),
-                        message: "expected `entity` Utf8 and `start` timestamp columns".into(),
-                    };
-                    let entities = b
-                        .column(0)
-                        .as_any()
-                        .downcast_ref::<datafusion::arrow::array::StringArray>()
-                        .ok_or_else(bad)?;
-                    let starts = b
-                        .column(1)
-                        .as_any()
-                        .downcast_ref::<datafusion::arrow::array::TimestampMillisecondArray>()
-                        .ok_or_else(bad)?;
-                    for i in 0..b.num_rows() {
-                        let s = starts.value(i);
-                        if s < to && s + width > from && !out.contains(entities.value(i)) {
-                            out.insert(entities.value(i).to_string());
-                        }
-                    }
-                }
+            if !rewritten.contains(&day) {
+                files.entry((source, day)).or_default().push((from, to));
             }
             day += DAY_MS;
+        }
+    }
+    let mut out = BTreeSet::new();
+    for ((source, day), ranges) in files {
+        let width = source.width(view).millis();
+        let rel = partial_rel(view, source, day);
+        let Some(data) = offline.get(&rel).await? else {
+            continue;
+        };
+        let url = offline.url_of(&rel);
+        let perr = |e: &dyn std::fmt::Display| BatchError::Parquet {
+            url: url.clone(),
+            message: e.to_string(),
+        };
+        let builder = ParquetRecordBatchReaderBuilder::try_new(data).map_err(|e| perr(&e))?;
+        let mask =
+            datafusion::parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), [0, 1]);
+        for b in builder
+            .with_projection(mask)
+            .build()
+            .map_err(|e| perr(&e))?
+        {
+            let b = b.map_err(|e| perr(&e))?;
+            let bad = || BatchError::Schema {
+                url: url.clone(),
+                message: "expected `entity` Utf8 and `start` timestamp columns".into(),
+            };
+            let entities = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::StringArray>()
+                .ok_or_else(bad)?;
+            let starts = b
+                .column(1)
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::TimestampMillisecondArray>()
+                .ok_or_else(bad)?;
+            for i in 0..b.num_rows() {
+                let s = starts.value(i);
+                let leaves = ranges.iter().any(|(from, to)| s < *to && s + width > *from);
+                if leaves && !out.contains(entities.value(i)) {
+                    out.insert(entities.value(i).to_string());
+                }
+            }
         }
     }
     Ok(out)
@@ -1572,4 +1611,60 @@ pub async fn stored_days(
                 .find_map(|p| p.as_ref().strip_prefix("date=").map(String::from))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn par_map_each_hands_on_every_result_in_input_order() {
+        let items: Vec<u64> = (0..10_000).collect();
+        let mut seen = Vec::new();
+        par_map_each(
+            &items,
+            3,
+            |x| Ok(x * 2),
+            |chunk| {
+                seen.extend(chunk);
+                true
+            },
+        )
+        .unwrap();
+        assert_eq!(seen, items.iter().map(|x| x * 2).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn par_map_each_stops_at_the_first_error_and_when_the_sink_says_so() {
+        let items: Vec<u64> = (0..10_000).collect();
+        let mut handed = 0;
+        let err = par_map_each(
+            &items,
+            2,
+            |x| match *x {
+                3_000 => Err(BatchError::Config("item 3000".into())),
+                x => Ok(x),
+            },
+            |chunk| {
+                handed += chunk.len();
+                true
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("item 3000"), "{err}");
+        // Every chunk before the failing one, none after it.
+        assert_eq!(handed, 3_000 / 256 * 256);
+        let mut chunks = 0;
+        par_map_each(
+            &items,
+            2,
+            |x| Ok(*x),
+            |_| {
+                chunks += 1;
+                chunks < 3
+            },
+        )
+        .unwrap();
+        assert_eq!(chunks, 3);
+    }
 }

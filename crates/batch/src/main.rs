@@ -16,7 +16,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The batch layer of lambda: DataFusion SQL over the Parquet history, generated from a feature
 /// definition (see examples/fraud/features.toml).
 ///
-/// `run` is the nightly job (local Parquet history; S3 history is not supported yet), `schedule`
+/// `run` is the nightly job (Parquet history in a directory or on S3), `schedule`
 /// runs the jobs of schedules/ on their cron, `show` prints entities' batch view, `check` and
 /// `sql` validate a definition and print the SQL generated from it.
 #[derive(Debug, Parser)]

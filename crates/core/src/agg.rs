@@ -482,10 +482,7 @@ impl Aggregation {
                 *n += n2;
             }
             (AggState::SumFloat { sum, n }, AggState::SumFloat { sum: s2, n: n2 }) => {
-                if *n2 > 0 {
-                    *sum = if *n == 0 { *s2 } else { *sum + s2 };
-                    *n += n2;
-                }
+                merge_float_sum(sum, n, *s2, *n2)
             }
             (AggState::Extreme(a), AggState::Extreme(Some(b))) => {
                 if self.beats(b, a.as_ref()) {
@@ -500,22 +497,7 @@ impl Aggregation {
                     mean: mb,
                     m2: m2b,
                 },
-            ) => {
-                if *nb == 0 {
-                    return;
-                }
-                if *n == 0 {
-                    (*n, *mean, *m2) = (*nb, *mb, *m2b);
-                    return;
-                }
-                let na = *n as f64;
-                let nbf = *nb as f64;
-                let total = na + nbf;
-                let delta = mb - *mean;
-                *mean += delta * nbf / total;
-                *m2 += m2b + delta * delta * na * nbf / total;
-                *n += nb;
-            }
+            ) => merge_moments((n, mean, m2), (*nb, *mb, *m2b)),
             (AggState::Distinct(a), AggState::Distinct(b)) => a.merge(b),
             (AggState::Sketch(a), AggState::Sketch(b)) => a.merge(b),
             (AggState::Last(a), AggState::Last(Some(b))) => {
@@ -687,14 +669,7 @@ impl Aggregation {
             aggregation: self.name.clone(),
             source,
         };
-        let expected = tag_of(&self.empty());
-        let tag = r.u8().map_err(codec)?;
-        if tag != expected {
-            return Err(codec(CodecError::KindMismatch {
-                found: (tag as char).to_string(),
-                expected: (expected as char).to_string(),
-            }));
-        }
+        let tag = self.read_tag(r, self.state_tag())?;
         let read = |r: &mut Reader<'_>| -> Result<AggState, CodecError> {
             Ok(match tag {
                 b'c' => AggState::Count(r.u64()?),
@@ -757,32 +732,149 @@ impl Aggregation {
     }
 
     /// Merges an encoded state (as [`Aggregation::decode`] reads it) into `state`: the same
-    /// result as decoding it and calling [`Aggregation::merge`], but a distinct set's values are
-    /// added straight from the bytes (a string already present allocates nothing).
+    /// result as decoding it and calling [`Aggregation::merge`], but without building the other
+    /// state: fixed-size states are merged straight from the bytes, and a distinct set's values
+    /// are added from them (a string already present allocates nothing).
     pub fn merge_encoded(&self, state: &mut AggState, r: &mut Reader<'_>) -> Result<(), AggError> {
-        let AggState::Distinct(set) = state else {
+        let codec = |source| AggError::Codec {
+            aggregation: self.name.clone(),
+            source,
+        };
+        let expected = self.state_tag();
+        if tag_of(state) != expected {
+            // Not a state of this aggregation (a caller's bug): as decoding and merging does.
             let other = self.decode(r)?;
             self.merge(state, &other);
             return Ok(());
-        };
-        read_encoded_distinct(self, r, |v| match v {
-            DistinctItem::Num(n) => {
-                set.nums.insert(n);
-            }
-            DistinctItem::Str(s) => {
-                if !set.strs.contains(s) {
-                    set.strs.insert(s.into());
+        }
+        match state {
+            AggState::Distinct(set) => read_encoded_distinct(self, r, |v| {
+                match v {
+                    DistinctItem::Num(n) => {
+                        set.nums.insert(n);
+                    }
+                    DistinctItem::Str(b) => {
+                        let s = std::str::from_utf8(b)
+                            .map_err(|_| CodecError::Corrupt("invalid UTF-8".into()))?;
+                        if !set.strs.contains(s) {
+                            set.strs.insert(s.into());
+                        }
+                    }
+                    DistinctItem::Bool(b) => set.bools[b as usize] = true,
                 }
+                Ok(())
+            }),
+            AggState::Count(a) => {
+                self.read_tag(r, expected)?;
+                *a += r.u64().map_err(codec)?;
+                Ok(())
             }
-            DistinctItem::Bool(b) => set.bools[b as usize] = true,
-        })
+            AggState::SumInt { sum, n } | AggState::SumDecimal { sum, n } => {
+                self.read_tag(r, expected)?;
+                let (s2, n2) = (r.i128().map_err(codec)?, r.u64().map_err(codec)?);
+                *sum = sum.saturating_add(s2);
+                *n += n2;
+                Ok(())
+            }
+            AggState::SumFloat { sum, n } => {
+                self.read_tag(r, expected)?;
+                let (s2, n2) = (r.f64().map_err(codec)?, r.u64().map_err(codec)?);
+                merge_float_sum(sum, n, s2, n2);
+                Ok(())
+            }
+            AggState::Moments { n, mean, m2 } => {
+                self.read_tag(r, expected)?;
+                let other = (
+                    r.u64().map_err(codec)?,
+                    r.f64().map_err(codec)?,
+                    r.f64().map_err(codec)?,
+                );
+                merge_moments((n, mean, m2), other);
+                Ok(())
+            }
+            AggState::Extreme(a) => {
+                self.read_tag(r, expected)?;
+                if let Some(b) = decode_opt_value(r, self.input_type).map_err(codec)?
+                    && self.beats(&b, a.as_ref())
+                {
+                    *a = Some(b);
+                }
+                Ok(())
+            }
+            AggState::Sketch(_) | AggState::Last(_) => {
+                let other = self.decode(r)?;
+                self.merge(state, &other);
+                Ok(())
+            }
+        }
     }
+
+    /// The tag of this aggregation's encoded state (what [`Aggregation::empty`] encodes with).
+    fn state_tag(&self) -> u8 {
+        use AggFunction::*;
+        match self.function {
+            Count => b'c',
+            Sum | Avg => match self.input_type {
+                Some(ColumnType::Float64) => b'f',
+                Some(ColumnType::Decimal { .. }) => b'd',
+                _ => b'i',
+            },
+            Min | Max => b'x',
+            VarSamp | VarPop | StddevSamp | StddevPop => b'm',
+            CountDistinct => b's',
+            ApproxCountDistinct => b'h',
+            LastValue => b'l',
+        }
+    }
+
+    /// Reads a state's tag, checking it is `expected`.
+    fn read_tag(&self, r: &mut Reader<'_>, expected: u8) -> Result<u8, AggError> {
+        let codec = |source| AggError::Codec {
+            aggregation: self.name.clone(),
+            source,
+        };
+        let tag = r.u8().map_err(codec)?;
+        if tag != expected {
+            return Err(codec(CodecError::KindMismatch {
+                found: (tag as char).to_string(),
+                expected: (expected as char).to_string(),
+            }));
+        }
+        Ok(tag)
+    }
+}
+
+/// Adds a float sum `(s2, n2)` to `(sum, n)`.
+fn merge_float_sum(sum: &mut f64, n: &mut u64, s2: f64, n2: u64) {
+    if n2 > 0 {
+        *sum = if *n == 0 { s2 } else { *sum + s2 };
+        *n += n2;
+    }
+}
+
+/// Chan's parallel combination of moments `(n, mean, m2)` with `(nb, mb, m2b)`.
+fn merge_moments((n, mean, m2): (&mut u64, &mut f64, &mut f64), (nb, mb, m2b): (u64, f64, f64)) {
+    if nb == 0 {
+        return;
+    }
+    if *n == 0 {
+        (*n, *mean, *m2) = (nb, mb, m2b);
+        return;
+    }
+    let na = *n as f64;
+    let nbf = nb as f64;
+    let total = na + nbf;
+    let delta = mb - *mean;
+    *mean += delta * nbf / total;
+    *m2 += m2b + delta * delta * na * nbf / total;
+    *n += nb;
 }
 
 /// One value of an encoded distinct state, borrowed from the encoding.
 enum DistinctItem<'a> {
     Num(i128),
-    Str(&'a str),
+    /// A string's UTF-8 bytes (checked by whoever keeps it as a string).
+    Str(&'a [u8]),
     Bool(bool),
 }
 
@@ -790,7 +882,7 @@ enum DistinctItem<'a> {
 fn read_encoded_distinct<'a>(
     agg: &Aggregation,
     r: &mut Reader<'a>,
-    mut add: impl FnMut(DistinctItem<'a>),
+    mut add: impl FnMut(DistinctItem<'a>) -> Result<(), CodecError>,
 ) -> Result<(), AggError> {
     let codec = |source| AggError::Codec {
         aggregation: agg.name.clone(),
@@ -807,9 +899,9 @@ fn read_encoded_distinct<'a>(
         let n = r.u64()? as usize;
         for _ in 0..n {
             match r.u8()? {
-                0 => add(DistinctItem::Num(r.i128()?)),
-                1 => add(DistinctItem::Str(r.str()?)),
-                2 => add(DistinctItem::Bool(r.u8()? != 0)),
+                0 => add(DistinctItem::Num(r.i128()?))?,
+                1 => add(DistinctItem::Str(r.bytes()?))?,
+                2 => add(DistinctItem::Bool(r.u8()? != 0))?,
                 t => return Err(CodecError::Corrupt(format!("distinct key tag {t}"))),
             }
         }
@@ -824,21 +916,25 @@ fn read_encoded_distinct<'a>(
 #[derive(Debug, Default)]
 pub struct DistinctRef<'a> {
     nums: HashSet<i128, FastHash>,
-    strs: HashSet<&'a str, FastHash>,
+    /// Strings as their UTF-8 bytes (equal exactly when the strings are).
+    strs: HashSet<&'a [u8], FastHash>,
     bools: [bool; 2],
 }
 
 impl<'a> DistinctRef<'a> {
     /// Adds the values of an encoded distinct state of aggregation `agg` (read from `r`).
     pub fn merge_encoded(&mut self, agg: &Aggregation, r: &mut Reader<'a>) -> Result<(), AggError> {
-        read_encoded_distinct(agg, r, |v| match v {
-            DistinctItem::Num(n) => {
-                self.nums.insert(n);
+        read_encoded_distinct(agg, r, |v| {
+            match v {
+                DistinctItem::Num(n) => {
+                    self.nums.insert(n);
+                }
+                DistinctItem::Str(s) => {
+                    self.strs.insert(s);
+                }
+                DistinctItem::Bool(b) => self.bools[b as usize] = true,
             }
-            DistinctItem::Str(s) => {
-                self.strs.insert(s);
-            }
-            DistinctItem::Bool(b) => self.bools[b as usize] = true,
+            Ok(())
         })
     }
 
