@@ -403,7 +403,31 @@ async fn day_partials(
     out
 }
 
-/// The duplicate check and the partial queries of one deduplicated day.
+/// Runs `text` on its own task (so several queries of a day use both cores).
+fn spawn_query(
+    ctx: &SessionContext,
+    text: String,
+    what: String,
+) -> tokio::task::JoinHandle<Result<Vec<RecordBatch>, BatchError>> {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let batches = match ctx.sql(&text).await {
+            Ok(df) => df.collect().await,
+            Err(e) => Err(e),
+        };
+        batches.map_err(|source| BatchError::Query { what, source })
+    })
+}
+
+/// The result of a query run by [`spawn_query`].
+async fn joined(
+    task: tokio::task::JoinHandle<Result<Vec<RecordBatch>, BatchError>>,
+) -> Result<Vec<RecordBatch>, BatchError> {
+    task.await
+        .map_err(|e| BatchError::Config(format!("a query task failed (a bug): {e}")))?
+}
+
+/// The duplicate check and the partial queries of one deduplicated day, run at once.
 async fn partials_of_distinct(
     ctx: &SessionContext,
     view: &FeatureView,
@@ -411,15 +435,22 @@ async fn partials_of_distinct(
     day: i64,
     tiers: &[(Tier, i64, i64)],
 ) -> Result<BTreeMap<Tier, Vec<RecordBatch>>, BatchError> {
-    let q = |what: String| move |source| BatchError::Query { what, source };
-    let what = format!("the duplicate check of {}", date_of(day));
-    let conflicts = ctx
-        .sql(&sql::conflicting_ids_of_distinct(view, table))
-        .await
-        .map_err(q(what.clone()))?
-        .collect()
-        .await
-        .map_err(q(what))?;
+    let check = spawn_query(
+        ctx,
+        sql::conflicting_ids_of_distinct(view, table),
+        format!("the duplicate check of {}", date_of(day)),
+    );
+    let mut queries = Vec::new();
+    for (tier, from, to) in tiers {
+        let (from, to) = ((*from).max(day), (*to).min(day + DAY_MS));
+        if from >= to {
+            continue;
+        }
+        let text = sql::partial_states_of_distinct(view, table, tier.width(view), from, to);
+        let what = format!("{} partials of {}", tier.name(), date_of(day));
+        queries.push((*tier, spawn_query(ctx, text, what)));
+    }
+    let conflicts = joined(check).await?;
     let ids: Vec<String> = conflicts
         .iter()
         .flat_map(|b| {
@@ -435,31 +466,9 @@ async fn partials_of_distinct(
             ids,
         });
     }
-    // The tiers are independent queries: each runs as its own task (one partition each, so
-    // both cores work on a single day).
-    let mut queries = Vec::new();
-    for (tier, from, to) in tiers {
-        let (from, to) = ((*from).max(day), (*to).min(day + DAY_MS));
-        if from >= to {
-            continue;
-        }
-        let text = sql::partial_states_of_distinct(view, table, tier.width(view), from, to);
-        let what = format!("{} partials of {}", tier.name(), date_of(day));
-        let ctx = ctx.clone();
-        let task = tokio::spawn(async move {
-            let batches = match ctx.sql(&text).await {
-                Ok(df) => df.collect().await,
-                Err(e) => Err(e),
-            };
-            batches.map_err(|source| BatchError::Query { what, source })
-        });
-        queries.push((*tier, task));
-    }
     let mut out = BTreeMap::new();
     for (tier, task) in queries {
-        let batches = task.await.map_err(|e| {
-            BatchError::Config(format!("a partial-state query task failed (a bug): {e}"))
-        })??;
+        let batches = joined(task).await?;
         out.insert(tier, to_partial_batches(&batches, view.aggregations.len())?);
     }
     Ok(out)
