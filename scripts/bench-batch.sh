@@ -21,9 +21,10 @@ echo "== lambda-batch, full run (cutoff 2025-12-31)"; run --full --cutoff 2025-1
 # times from the same state (the full run's offline and online stores, restored each time: a
 # rerun of a committed night has almost nothing to do) to show the spread on a shared machine.
 cp -r "$work/offline" "$work/offline.full"; cp "$work/online.redb" "$work/online.full"
+# Copies are flushed before each night, so the night does not pay for writing the copy to disk.
 for i in 1 2 3; do
   rm -rf "$work/offline" "$work/online.redb"
-  cp -r "$work/offline.full" "$work/offline"; cp "$work/online.full" "$work/online.redb"
+  cp -r "$work/offline.full" "$work/offline"; cp "$work/online.full" "$work/online.redb"; sync
   echo "== lambda-batch, incremental night $i (cutoff 2026-01-01)"; run --cutoff 2026-01-01
 done
 venv=${LAMBDA_EMU_HOME:-$HOME/.cache/lambda-emulators}/venv
