@@ -212,14 +212,20 @@ fn date_of(day_ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// The stored partials of one tier and day, below the offline store.
-fn partial_rel(view: &FeatureView, tier: Tier, day: i64) -> String {
+/// A file of the stored partials of one tier and day (`part-0.parquet`: the partials;
+/// `_inputs.json`: the history files they were computed from), below the offline store.
+fn partial_file(view: &FeatureView, tier: Tier, day: i64, name: &str) -> String {
     format!(
-        "{}/partials/tier={}/date={}/part-0.parquet",
+        "{}/partials/tier={}/date={}/{name}",
         view.name,
         tier.name(),
         date_of(day)
     )
+}
+
+/// The stored partials of one tier and day, below the offline store.
+fn partial_rel(view: &FeatureView, tier: Tier, day: i64) -> String {
+    partial_file(view, tier, day, "part-0.parquet")
 }
 
 fn partial_schema() -> SchemaRef {
@@ -419,12 +425,10 @@ fn spawn_query(
     })
 }
 
-/// The result of a query run by [`spawn_query`].
-async fn joined(
-    task: tokio::task::JoinHandle<Result<Vec<RecordBatch>, BatchError>>,
-) -> Result<Vec<RecordBatch>, BatchError> {
+/// The result of a task spawned by the job (a task that panicked is an error, not a panic).
+async fn joined<T>(task: tokio::task::JoinHandle<Result<T, BatchError>>) -> Result<T, BatchError> {
     task.await
-        .map_err(|e| BatchError::Config(format!("a query task failed (a bug): {e}")))?
+        .map_err(|e| BatchError::Config(format!("a task of the job failed (a bug): {e}")))?
 }
 
 /// The duplicate check and the partial queries of one deduplicated day, run at once.
@@ -640,13 +644,7 @@ pub async fn run(
         d += DAY_MS;
     }
     let partial_path = |tier: Tier, day: i64| partial_rel(view, tier, day);
-    let inputs_path = |tier: Tier, day: i64| {
-        format!(
-            "{base}/partials/tier={}/date={}/_inputs.json",
-            tier.name(),
-            date_of(day)
-        )
-    };
+    let inputs_path = |tier: Tier, day: i64| partial_file(view, tier, day, "_inputs.json");
     let mut rows = EntityPartials::default();
     let started = Instant::now();
     let total = days.len();
@@ -820,9 +818,7 @@ pub async fn run(
     };
     let leaving = async {
         let leaving = match leaving_task {
-            Some(task) => task.await.map_err(|e| {
-                BatchError::Config(format!("finding the leaving entities failed (a bug): {e}"))
-            })??,
+            Some(task) => joined(task).await?,
             None => BTreeSet::new(),
         };
         let rows = if rebuild.is_none() {

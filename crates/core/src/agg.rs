@@ -740,13 +740,6 @@ impl Aggregation {
             aggregation: self.name.clone(),
             source,
         };
-        let expected = self.state_tag();
-        if tag_of(state) != expected {
-            // Not a state of this aggregation (a caller's bug): as decoding and merging does.
-            let other = self.decode(r)?;
-            self.merge(state, &other);
-            return Ok(());
-        }
         match state {
             AggState::Distinct(set) => read_encoded_distinct(self, r, |v| {
                 match v {
@@ -764,47 +757,47 @@ impl Aggregation {
                 }
                 Ok(())
             }),
-            AggState::Count(a) => {
-                self.read_tag(r, expected)?;
-                *a += r.u64().map_err(codec)?;
-                Ok(())
-            }
-            AggState::SumInt { sum, n } | AggState::SumDecimal { sum, n } => {
-                self.read_tag(r, expected)?;
-                let (s2, n2) = (r.i128().map_err(codec)?, r.u64().map_err(codec)?);
-                *sum = sum.saturating_add(s2);
-                *n += n2;
-                Ok(())
-            }
-            AggState::SumFloat { sum, n } => {
-                self.read_tag(r, expected)?;
-                let (s2, n2) = (r.f64().map_err(codec)?, r.u64().map_err(codec)?);
-                merge_float_sum(sum, n, s2, n2);
-                Ok(())
-            }
-            AggState::Moments { n, mean, m2 } => {
-                self.read_tag(r, expected)?;
-                let other = (
-                    r.u64().map_err(codec)?,
-                    r.f64().map_err(codec)?,
-                    r.f64().map_err(codec)?,
-                );
-                merge_moments((n, mean, m2), other);
-                Ok(())
-            }
-            AggState::Extreme(a) => {
-                self.read_tag(r, expected)?;
-                if let Some(b) = decode_opt_value(r, self.input_type).map_err(codec)?
-                    && self.beats(&b, a.as_ref())
-                {
-                    *a = Some(b);
-                }
-                Ok(())
-            }
-            AggState::Sketch(_) | AggState::Last(_) => {
+            // Variable-size states, and a state of another aggregation (a caller's bug): as
+            // decoding and merging does.
+            _ if matches!(state, AggState::Sketch(_) | AggState::Last(_))
+                || tag_of(state) != self.state_tag() =>
+            {
                 let other = self.decode(r)?;
                 self.merge(state, &other);
                 Ok(())
+            }
+            // Fixed-size states, read in place after their tag.
+            _ => {
+                self.read_tag(r, tag_of(state))?;
+                let read = |r: &mut Reader<'_>, state: &mut AggState| -> Result<(), CodecError> {
+                    match state {
+                        AggState::Count(a) => *a += r.u64()?,
+                        AggState::SumInt { sum, n } | AggState::SumDecimal { sum, n } => {
+                            let (s2, n2) = (r.i128()?, r.u64()?);
+                            *sum = sum.saturating_add(s2);
+                            *n += n2;
+                        }
+                        AggState::SumFloat { sum, n } => {
+                            let (s2, n2) = (r.f64()?, r.u64()?);
+                            merge_float_sum(sum, n, s2, n2);
+                        }
+                        AggState::Moments { n, mean, m2 } => {
+                            let other = (r.u64()?, r.f64()?, r.f64()?);
+                            merge_moments((n, mean, m2), other);
+                        }
+                        AggState::Extreme(a) => {
+                            if let Some(b) = decode_opt_value(r, self.input_type)?
+                                && self.beats(&b, a.as_ref())
+                            {
+                                *a = Some(b);
+                            }
+                        }
+                        // Handled above.
+                        AggState::Distinct(_) | AggState::Sketch(_) | AggState::Last(_) => {}
+                    }
+                    Ok(())
+                };
+                read(r, state).map_err(codec)
             }
         }
     }
@@ -888,13 +881,7 @@ fn read_encoded_distinct<'a>(
         aggregation: agg.name.clone(),
         source,
     };
-    let tag = r.u8().map_err(codec)?;
-    if tag != b's' {
-        return Err(codec(CodecError::KindMismatch {
-            found: (tag as char).to_string(),
-            expected: "s".into(),
-        }));
-    }
+    agg.read_tag(r, b's')?;
     let mut read = || -> Result<(), CodecError> {
         let n = r.u64()? as usize;
         for _ in 0..n {
