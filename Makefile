@@ -31,8 +31,9 @@ lint: ## clippy on every target, warnings denied
 unit: ## All tests of the workspace.
 	$(CARGO) test --workspace --locked
 
-bench: ## Criterion benchmarks: decode + aggregate, and the speed path, events/s on one core.
+bench: ## Criterion benchmarks on one core: decode + aggregate, a batch row's features and encoding, and the speed path.
 	$(CARGO) bench -p lambda-core --bench decode_aggregate
+	$(CARGO) bench -p lambda-core --bench row_features
 	$(CARGO) bench -p lambda-speed --bench tiler
 
 build: ## Release binaries.

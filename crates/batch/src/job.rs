@@ -1569,33 +1569,37 @@ fn encode_features(
     url: &str,
     rows: &[(String, Vec<Value>)],
 ) -> Result<Vec<u8>, BatchError> {
-    let feats = view.features();
     let schema = features_schema(view);
+    let mut entities = datafusion::arrow::array::StringBuilder::with_capacity(
+        rows.len(),
+        rows.iter().map(|r| r.0.len()).sum(),
+    );
+    for (e, _) in rows {
+        entities.append_value(e);
+    }
     let source = lambda_core::spec::Source {
         name: "features".into(),
-        columns: std::iter::once(lambda_core::spec::Column {
-            name: "entity".into(),
-            ty: lambda_core::ColumnType::String,
-            nullable: false,
-        })
-        .chain(feats.iter().map(|f| lambda_core::spec::Column {
-            name: f.name.clone(),
-            ty: view.aggregations[f.aggregation].aggregation.output_type,
-            nullable: true,
-        }))
-        .collect(),
+        columns: view
+            .features()
+            .iter()
+            .map(|f| lambda_core::spec::Column {
+                name: f.name.clone(),
+                ty: view.aggregations[f.aggregation].aggregation.output_type,
+                nullable: true,
+            })
+            .collect(),
         entity: 0,
         event_time: 0,
         event_id: 0,
     };
     let mut b = lambda_core::decode::BatchBuilder::new(&source);
-    for (e, vals) in rows {
-        let mut r = vec![Value::Str(e.clone())];
-        r.extend(vals.iter().cloned());
-        b.push(&r);
+    for (_, vals) in rows {
+        b.push(vals);
     }
-    let batch = b.finish().map_err(|e| BatchError::Config(e.to_string()))?;
-    let batch = RecordBatch::try_new(schema.clone(), batch.columns().to_vec())
+    let values = b.finish().map_err(|e| BatchError::Config(e.to_string()))?;
+    let mut columns: Vec<datafusion::arrow::array::ArrayRef> = vec![Arc::new(entities.finish())];
+    columns.extend(values.columns().iter().cloned());
+    let batch = RecordBatch::try_new(schema.clone(), columns)
         .map_err(|e| BatchError::Config(e.to_string()))?;
     parquet_bytes(url, schema, &[batch])
 }

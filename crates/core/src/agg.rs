@@ -820,20 +820,30 @@ impl Aggregation {
         }
     }
 
-    /// Reads a state's tag, checking it is `expected`.
+    /// Reads a state's tag, checking it is `expected` (inlined: it runs once per merged state).
+    #[inline]
     fn read_tag(&self, r: &mut Reader<'_>, expected: u8) -> Result<u8, AggError> {
-        let codec = |source| AggError::Codec {
-            aggregation: self.name.clone(),
-            source,
-        };
-        let tag = r.u8().map_err(codec)?;
-        if tag != expected {
-            return Err(codec(CodecError::KindMismatch {
+        match r.u8() {
+            Ok(tag) if tag == expected => Ok(tag),
+            other => Err(self.tag_error(other, expected)),
+        }
+    }
+
+    /// The error of a missing or unexpected tag (kept out of the hot path).
+    #[cold]
+    #[inline(never)]
+    fn tag_error(&self, read: Result<u8, CodecError>, expected: u8) -> AggError {
+        let source = match read {
+            Ok(tag) => CodecError::KindMismatch {
                 found: (tag as char).to_string(),
                 expected: (expected as char).to_string(),
-            }));
+            },
+            Err(e) => e,
+        };
+        AggError::Codec {
+            aggregation: self.name.clone(),
+            source,
         }
-        Ok(tag)
     }
 }
 
@@ -917,6 +927,10 @@ impl<'a> DistinctRef<'a> {
                     self.nums.insert(n);
                 }
                 DistinctItem::Str(s) => {
+                    if self.strs.capacity() == 0 {
+                        // Skips the first few growths of a set that is rarely tiny.
+                        self.strs.reserve(16);
+                    }
                     self.strs.insert(s);
                 }
                 DistinctItem::Bool(b) => self.bools[b as usize] = true,

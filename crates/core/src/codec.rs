@@ -34,6 +34,7 @@ pub struct Writer {
 
 impl Writer {
     /// Unsigned LEB128.
+    #[inline]
     pub fn u64(&mut self, mut v: u64) {
         loop {
             let byte = (v & 0x7f) as u8;
@@ -46,6 +47,7 @@ impl Writer {
         }
     }
     /// Unsigned LEB128 of a u128.
+    #[inline]
     pub fn u128(&mut self, mut v: u128) {
         loop {
             let byte = (v & 0x7f) as u8;
@@ -58,22 +60,27 @@ impl Writer {
         }
     }
     /// Zigzag-encoded i64.
+    #[inline]
     pub fn i64(&mut self, v: i64) {
         self.u64(((v << 1) ^ (v >> 63)) as u64)
     }
     /// Zigzag-encoded i128.
+    #[inline]
     pub fn i128(&mut self, v: i128) {
         self.u128(((v << 1) ^ (v >> 127)) as u128)
     }
     /// Raw little-endian f64 (bit exact).
+    #[inline]
     pub fn f64(&mut self, v: f64) {
         self.buf.extend_from_slice(&v.to_le_bytes())
     }
     /// One byte.
+    #[inline]
     pub fn u8(&mut self, v: u8) {
         self.buf.push(v)
     }
     /// Length-prefixed bytes.
+    #[inline]
     pub fn bytes(&mut self, b: &[u8]) {
         self.u64(b.len() as u64);
         self.buf.extend_from_slice(b);
@@ -89,21 +96,37 @@ pub struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     /// A reader over `buf`.
+    #[inline]
     pub fn new(buf: &'a [u8]) -> Self {
         Reader { buf, pos: 0 }
     }
     /// True when every byte was consumed.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.pos >= self.buf.len()
     }
     /// One byte.
+    #[inline]
     pub fn u8(&mut self) -> Result<u8, CodecError> {
         let b = *self.buf.get(self.pos).ok_or(CodecError::Truncated)?;
         self.pos += 1;
         Ok(b)
     }
     /// Unsigned LEB128.
+    #[inline]
     pub fn u64(&mut self) -> Result<u64, CodecError> {
+        // One byte: most counts, lengths and small values.
+        match self.buf.get(self.pos) {
+            Some(&b) if b < 0x80 => {
+                self.pos += 1;
+                Ok(b as u64)
+            }
+            _ => self.u64_long(),
+        }
+    }
+    /// [`Reader::u64`] of two or more bytes (out of line: the one-byte case is inlined).
+    #[inline(never)]
+    fn u64_long(&mut self) -> Result<u64, CodecError> {
         let mut v: u64 = 0;
         for shift in (0..70).step_by(7) {
             let b = self.u8()?;
@@ -118,7 +141,19 @@ impl<'a> Reader<'a> {
         Err(CodecError::Corrupt("varint too long".into()))
     }
     /// Unsigned LEB128 u128.
+    #[inline]
     pub fn u128(&mut self) -> Result<u128, CodecError> {
+        match self.buf.get(self.pos) {
+            Some(&b) if b < 0x80 => {
+                self.pos += 1;
+                Ok(b as u128)
+            }
+            _ => self.u128_long(),
+        }
+    }
+    /// [`Reader::u128`] of two or more bytes.
+    #[inline(never)]
+    fn u128_long(&mut self) -> Result<u128, CodecError> {
         let mut v: u128 = 0;
         for shift in (0..133).step_by(7) {
             let b = self.u8()?;
@@ -133,16 +168,19 @@ impl<'a> Reader<'a> {
         Err(CodecError::Corrupt("varint too long".into()))
     }
     /// Zigzag i64.
+    #[inline]
     pub fn i64(&mut self) -> Result<i64, CodecError> {
         let u = self.u64()?;
         Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
     }
     /// Zigzag i128.
+    #[inline]
     pub fn i128(&mut self) -> Result<i128, CodecError> {
         let u = self.u128()?;
         Ok(((u >> 1) as i128) ^ -((u & 1) as i128))
     }
     /// Raw f64.
+    #[inline]
     pub fn f64(&mut self) -> Result<f64, CodecError> {
         let end = self.pos + 8;
         let s = self.buf.get(self.pos..end).ok_or(CodecError::Truncated)?;
@@ -152,6 +190,7 @@ impl<'a> Reader<'a> {
         ))
     }
     /// Length-prefixed bytes.
+    #[inline]
     pub fn bytes(&mut self) -> Result<&'a [u8], CodecError> {
         let n = usize::try_from(self.u64()?).map_err(|_| CodecError::Truncated)?;
         let end = self.pos.checked_add(n).ok_or(CodecError::Truncated)?;
@@ -160,6 +199,7 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
     /// Length-prefixed UTF-8.
+    #[inline]
     pub fn str(&mut self) -> Result<&'a str, CodecError> {
         std::str::from_utf8(self.bytes()?).map_err(|_| CodecError::Corrupt("invalid UTF-8".into()))
     }
@@ -191,5 +231,31 @@ mod tests {
         assert_eq!(r.str().unwrap(), "abc");
         assert!(r.is_empty());
         assert_eq!(r.u8(), Err(CodecError::Truncated));
+    }
+
+    #[test]
+    fn one_and_many_byte_varints_round_trip_and_truncation_is_an_error() {
+        let (small, big) = (
+            [0u64, 1, 127, 128, 16_383, 16_384, u64::MAX],
+            [0u128, 127, 128, u128::MAX],
+        );
+        let mut w = Writer::default();
+        small.iter().for_each(|v| w.u64(*v));
+        big.iter().for_each(|v| w.u128(*v));
+        let mut r = Reader::new(&w.buf);
+        for v in small {
+            assert_eq!(r.u64().unwrap(), v);
+        }
+        for v in big {
+            assert_eq!(r.u128().unwrap(), v);
+        }
+        assert!(r.is_empty());
+        // A continuation byte with nothing after it.
+        assert_eq!(Reader::new(&[0x80]).u64(), Err(CodecError::Truncated));
+        assert_eq!(
+            Reader::new(&[0xff, 0xff]).u128(),
+            Err(CodecError::Truncated)
+        );
+        assert_eq!(Reader::new(&[]).u64(), Err(CodecError::Truncated));
     }
 }

@@ -362,3 +362,30 @@ fn corrupt_and_foreign_bytes_are_errors() {
     trailing.push(0);
     assert!(decode_states(std::slice::from_ref(&a), &trailing).is_err());
 }
+
+#[test]
+fn merging_foreign_or_truncated_bytes_in_place_is_an_error_naming_the_aggregation() {
+    // A sum's bytes merged into a count (the fixed-size fast path reads the tag first).
+    let sum = aggregation(AggFunction::Sum, Some(DEC), false);
+    let count = aggregation(AggFunction::Count, None, false);
+    let bytes = encode_states(std::slice::from_ref(&sum), &[sum.empty()]);
+    let mut state = count.empty();
+    let err = count
+        .merge_encoded(&mut state, &mut Reader::new(&bytes[1..]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&count.name), "{err}");
+    assert!(err.contains("`d` state but `c` was expected"), "{err}");
+    // Nothing to read where the tag should be; and a sum cut short.
+    assert!(
+        count
+            .merge_encoded(&mut state, &mut Reader::new(&[]))
+            .is_err()
+    );
+    let mut s = sum.empty();
+    assert!(
+        sum.merge_encoded(&mut s, &mut Reader::new(&bytes[1..bytes.len() - 1]))
+            .is_err()
+    );
+    assert_eq!(state, count.empty());
+}
