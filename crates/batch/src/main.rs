@@ -286,7 +286,7 @@ fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    rt.block_on(async {
+    let outcome = rt.block_on(async {
         let store = open_store(&args.store, &args.region, args.endpoint.as_deref()).await?;
         history.check().await.context("--history")?;
         offline.check().await.context("--offline")?;
@@ -350,7 +350,11 @@ fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
         opts.cutoff_ms += lambda_core::time::DAY_MS;
         }
         Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
-    })
+    });
+    // Everything is written and the store is closed (dropped inside the block): the runtime's
+    // idle threads are not waited for.
+    rt.shutdown_background();
+    outcome
 }
 
 /// Opens the online store: a redb file path or `dynamodb://TABLE` (checked to be reachable).

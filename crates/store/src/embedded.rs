@@ -327,20 +327,24 @@ impl OnlineStore for EmbeddedStore {
         for i in items {
             validate_item(i)?;
         }
-        let items = items.to_vec();
+        // Encoded here: one copy of each item for the write thread, not a clone and an encoding.
+        let encoded: Vec<(String, Vec<u8>)> = items
+            .iter()
+            .map(|i| (composite(&i.key), encode(i)))
+            .collect();
         self.blocking(move |s| {
             let txn = s.db.begin_write().map_err(|e| s.err(e))?;
             {
                 let mut table = txn.open_table(ITEMS).map_err(|e| s.err(e))?;
-                for item in &items {
+                for (key, value) in &encoded {
                     table
-                        .insert(composite(&item.key).as_str(), encode(item).as_slice())
+                        .insert(key.as_str(), value.as_slice())
                         .map_err(|e| s.err(e))?;
                 }
             }
             txn.commit().map_err(|e| s.err(e))?;
             Ok(BatchStats {
-                items: items.len() as u64,
+                items: encoded.len() as u64,
                 requests: 1,
                 retries: 0,
             })
