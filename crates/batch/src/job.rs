@@ -409,24 +409,37 @@ async fn day_partials(
     out
 }
 
+/// A spawned task that is aborted when dropped: when one query of a day fails, or its duplicate
+/// check finds conflicts, the day's other queries stop instead of running on unawaited (the
+/// scheduler keeps its process, and retries, after a failed run).
+struct Aborting<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Aborting<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs `text` on its own task (so several queries of a day use both cores).
 fn spawn_query(
     ctx: &SessionContext,
     text: String,
     what: String,
-) -> tokio::task::JoinHandle<Result<Vec<RecordBatch>, BatchError>> {
+) -> Aborting<Result<Vec<RecordBatch>, BatchError>> {
     let ctx = ctx.clone();
-    tokio::spawn(async move {
+    Aborting(tokio::spawn(async move {
         let batches = match ctx.sql(&text).await {
             Ok(df) => df.collect().await,
             Err(e) => Err(e),
         };
         batches.map_err(|source| BatchError::Query { what, source })
-    })
+    }))
 }
 
 /// The result of a task spawned by the job (a task that panicked is an error, not a panic).
-async fn joined<T>(task: tokio::task::JoinHandle<Result<T, BatchError>>) -> Result<T, BatchError> {
+async fn joined<T>(
+    task: &mut tokio::task::JoinHandle<Result<T, BatchError>>,
+) -> Result<T, BatchError> {
     task.await
         .map_err(|e| BatchError::Config(format!("a task of the job failed (a bug): {e}")))?
 }
@@ -439,7 +452,7 @@ async fn partials_of_distinct(
     day: i64,
     tiers: &[(Tier, i64, i64)],
 ) -> Result<BTreeMap<Tier, Vec<RecordBatch>>, BatchError> {
-    let check = spawn_query(
+    let mut check = spawn_query(
         ctx,
         sql::conflicting_ids_of_distinct(view, table),
         format!("the duplicate check of {}", date_of(day)),
@@ -454,7 +467,7 @@ async fn partials_of_distinct(
         let what = format!("{} partials of {}", tier.name(), date_of(day));
         queries.push((*tier, spawn_query(ctx, text, what)));
     }
-    let conflicts = joined(check).await?;
+    let conflicts = joined(&mut check.0).await?;
     let ids: Vec<String> = conflicts
         .iter()
         .flat_map(|b| {
@@ -471,8 +484,8 @@ async fn partials_of_distinct(
         });
     }
     let mut out = BTreeMap::new();
-    for (tier, task) in queries {
-        let batches = joined(task).await?;
+    for (tier, mut task) in queries {
+        let batches = joined(&mut task.0).await?;
         out.insert(tier, to_partial_batches(&batches, view.aggregations.len())?);
     }
     Ok(out)
@@ -818,7 +831,7 @@ pub async fn run(
     };
     let leaving = async {
         let leaving = match leaving_task {
-            Some(task) => joined(task).await?,
+            Some(mut task) => joined(&mut task).await?,
             None => BTreeSet::new(),
         };
         let rows = if rebuild.is_none() {
@@ -1625,6 +1638,23 @@ pub async fn stored_days(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_dropped_query_task_is_cancelled() {
+        // The task's future owns `guard`: cancelling the task drops it, which closes the channel.
+        let (guard, closed) = tokio::sync::oneshot::channel::<()>();
+        let task = Aborting(tokio::spawn(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await
+        }));
+        drop(task);
+        // Bounded so that a task left running fails the test instead of hanging it.
+        let dropped = tokio::time::timeout(std::time::Duration::from_secs(10), closed).await;
+        assert!(
+            matches!(dropped, Ok(Err(_))),
+            "the task still holds its guard"
+        );
+    }
 
     #[test]
     fn par_map_each_hands_on_every_result_in_input_order() {
