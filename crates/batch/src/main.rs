@@ -238,7 +238,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
 
-    use lambda_batch::job::{Progress, RunOptions, run};
+    use lambda_batch::job::{RunOptions, run};
     use lambda_batch::storage::{Location, S3Options};
 
     tracing_subscriber::fmt()
@@ -300,54 +300,15 @@ fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
             compact_over: lambda_batch::job::COMPACT_OVER,
         };
         while opts.cutoff_ms <= last_cutoff {
-        let cutoff_ms = opts.cutoff_ms;
-        let started = std::time::Instant::now();
-        let tty = std::io::stderr().is_terminal();
-        let summary = run(&opts, store.as_ref(), |p| {
-            let line = match p {
-                Progress::Day { date, rows, bytes, done, total } => format!(
-                    "[{done}/{total}] computed {date}: {rows} rows, {:.1} MB of history read so far",
-                    bytes as f64 / 1e6
-                ),
-                Progress::Upload { done, total } => format!("uploading batch rows: {done}/{total}"),
-            };
-            if tty {
-                eprint!("\r\x1b[2K{line}");
-            } else {
-                eprintln!("{line}");
+            let started = std::time::Instant::now();
+            let summary = run(&opts, store.as_ref(), show_progress).await?;
+            if std::io::stderr().is_terminal() {
+                eprintln!();
             }
-        })
-        .await?;
-        if tty {
-            eprintln!();
-        }
-        println!(
-            "view {} cutoff {}: {} batch rows written ({}), {} feature rows, {} days computed, {} reused, {} rows / {:.1} MB read, {:.1} MB of batch rows, {:.1} s",
-            view.name,
-            format_ts(cutoff_ms),
-            summary.entities,
-            match &summary.rebuild {
-                Some(why) => format!("every entity: {why}"),
-                None => "entities with new or changed days".into(),
-            },
-            summary.features_written,
-            summary.days_computed,
-            summary.days_reused,
-            summary.rows_in,
-            summary.bytes_in as f64 / 1e6,
-            summary.row_bytes as f64 / 1e6,
-            started.elapsed().as_secs_f64()
-        );
-        if let Some(n) = summary.sql_drift {
-            println!(
-                "offline features from the hand-written SQL {}: {n} entities differ from the feature definition{}",
-                view.batch.sql.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-                if n > 0 { " (run the parity checker)" } else { "" }
-            );
-        }
-        // Later nights of a backfill reuse what the first computed.
-        opts.full = false;
-        opts.cutoff_ms += lambda_core::time::DAY_MS;
+            print_summary(&view, opts.cutoff_ms, &summary, started.elapsed());
+            // Later nights of a backfill reuse what the first computed.
+            opts.full = false;
+            opts.cutoff_ms += lambda_core::time::DAY_MS;
         }
         Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
     });
@@ -355,6 +316,168 @@ fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
     // idle threads are not waited for.
     rt.shutdown_background();
     outcome
+}
+
+/// One due run of a scheduled job, under its lock `held`: retried with backoff up to the job's
+/// retries, stopped if the lock is lost, recorded, and reported on stdout. Returns whether it
+/// succeeded.
+async fn run_scheduled(
+    coord: &lambda_batch::schedule::Coordinator,
+    mut held: lambda_batch::schedule::Held,
+    j: &lambda_batch::schedule::Job,
+    scheduled: i64,
+) -> anyhow::Result<bool> {
+    use lambda_batch::job::{RunOptions, run};
+    use lambda_batch::schedule::{RunRecord, retry_backoff_ms};
+    use lambda_batch::storage::{Location, S3Options};
+
+    let now = || chrono::Utc::now().timestamp_millis();
+    let view = FeatureView::load(&j.view)?;
+    let s3 = S3Options::default();
+    let history = j
+        .history
+        .clone()
+        .unwrap_or_else(|| view.batch.history.clone());
+    let opts = RunOptions {
+        history: Location::parse(&history, &s3)
+            .with_context(|| format!("job {}: history", j.name))?,
+        offline: Location::parse(&j.offline, &s3)
+            .with_context(|| format!("job {}: offline", j.name))?,
+        cutoff_ms: last_midnight(scheduled) + view.batch.cutoff_offset.millis(),
+        full: false,
+        row_ttl_days: 7,
+        compact_over: lambda_batch::job::COMPACT_OVER,
+        view,
+    };
+    let region = std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into());
+    let endpoint = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").ok();
+    let store = open_store(&j.store, &region, endpoint.as_deref()).await?;
+    let started = now();
+    let mut attempts = 0;
+    let attempt_all = async {
+        loop {
+            attempts += 1;
+            tracing::info!(
+                job = %j.name,
+                scheduled = %format_ts(scheduled),
+                cutoff = %format_ts(opts.cutoff_ms),
+                attempts,
+                "Running."
+            );
+            match run(&opts, store.as_ref(), |_| {}).await {
+                Ok(s) => break Ok(s),
+                Err(e) if attempts <= j.retries => {
+                    let wait = retry_backoff_ms(attempts);
+                    tracing::warn!(
+                        job = %j.name,
+                        error = %format!("{e:#}"),
+                        wait_s = wait / 1000,
+                        "Run failed; retrying."
+                    );
+                    let pause = tokio::time::sleep(std::time::Duration::from_millis(wait as u64));
+                    tokio::select! {
+                        _ = pause => {}
+                        _ = tokio::signal::ctrl_c() => break Err(anyhow::anyhow!("interrupted")),
+                    }
+                }
+                Err(e) => break Err(anyhow::Error::new(e)),
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        o = attempt_all => o,
+        lost = coord.keep(&mut held) => Err(anyhow::Error::new(lost)
+            .context("the job lock was lost (another copy took it over); stopped")),
+    };
+    coord.unlock(held).await?;
+    let (rows, bytes, text) = match &outcome {
+        Ok(s) => (s.rows_in, s.bytes_in, "ok".to_string()),
+        Err(e) => (0, 0, format!("error: {e:#}")),
+    };
+    let record = RunRecord {
+        job: j.name.clone(),
+        scheduled_ms: scheduled,
+        started_ms: started,
+        ended_ms: now(),
+        attempts,
+        outcome: text.clone(),
+        rows,
+        bytes,
+    };
+    coord.record(&record).await?;
+    println!(
+        "{} {}: {text} ({rows} rows, {:.1} MB, {:.1} s)",
+        j.name,
+        format_ts(scheduled),
+        bytes as f64 / 1e6,
+        (now() - started) as f64 / 1000.0
+    );
+    Ok(outcome.is_ok())
+}
+
+/// One progress line of a run: redrawn in place on a terminal, one line each otherwise.
+fn show_progress(p: lambda_batch::job::Progress) {
+    use std::io::IsTerminal;
+
+    use lambda_batch::job::Progress;
+    let line = match p {
+        Progress::Day {
+            date,
+            rows,
+            bytes,
+            done,
+            total,
+        } => format!(
+            "[{done}/{total}] computed {date}: {rows} rows, {:.1} MB of history read so far",
+            bytes as f64 / 1e6
+        ),
+        Progress::Upload { done, total } => format!("uploading batch rows: {done}/{total}"),
+    };
+    if std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[2K{line}");
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+/// The summary of one night of a run (stdout).
+fn print_summary(
+    view: &FeatureView,
+    cutoff_ms: i64,
+    summary: &lambda_batch::job::RunSummary,
+    took: std::time::Duration,
+) {
+    let which = match &summary.rebuild {
+        Some(why) => format!("every entity: {why}"),
+        None => "entities with new or changed days".into(),
+    };
+    println!(
+        "view {} cutoff {}: {} batch rows written ({which}), {} feature rows, \
+         {} days computed, {} reused, {} rows / {:.1} MB read, {:.1} MB of batch rows, {:.1} s",
+        view.name,
+        format_ts(cutoff_ms),
+        summary.entities,
+        summary.features_written,
+        summary.days_computed,
+        summary.days_reused,
+        summary.rows_in,
+        summary.bytes_in as f64 / 1e6,
+        summary.row_bytes as f64 / 1e6,
+        took.as_secs_f64()
+    );
+    if let Some(n) = summary.sql_drift {
+        let file = view.batch.sql.as_ref().map(|p| p.display().to_string());
+        println!(
+            "offline features from the hand-written SQL {}: \
+             {n} entities differ from the feature definition{}",
+            file.unwrap_or_default(),
+            if n > 0 {
+                " (run the parity checker)"
+            } else {
+                ""
+            }
+        );
+    }
 }
 
 /// Opens the online store: a redb file path or `dynamodb://TABLE` (checked to be reachable).
@@ -425,9 +548,7 @@ fn schedule(
     once: bool,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
-    use lambda_batch::job::{RunOptions, run};
-    use lambda_batch::schedule::{Coordinator, Job, RunRecord, State, retry_backoff_ms};
-    use lambda_batch::storage::{Location, S3Options};
+    use lambda_batch::schedule::{Coordinator, Job, State};
 
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -488,64 +609,27 @@ fn schedule(
             for j in &jobs {
                 let due = j.due(coord.last_success(&j.name).await?, now());
                 if !due.skipped.is_empty() {
-                    tracing::warn!(job = %j.name, skipped = due.skipped.len(), catch_up = j.catch_up, "Missed runs beyond the catch-up bound are skipped.");
+                    tracing::warn!(
+                        job = %j.name,
+                        skipped = due.skipped.len(),
+                        catch_up = j.catch_up,
+                        "Missed runs beyond the catch-up bound are skipped."
+                    );
                 }
                 for scheduled in due.runs {
-                    let Some(mut held) = coord.try_lock(&j.name, now()).await? else {
+                    let Some(held) = coord.try_lock(&j.name, now()).await? else {
                         tracing::info!(job = %j.name, "Another copy holds the lock; not running.");
                         continue;
                     };
-                    let view = FeatureView::load(&j.view)?;
-                    let s3 = S3Options::default();
-                    let history = j.history.clone().unwrap_or_else(|| view.batch.history.clone());
-                    let opts = RunOptions {
-                        history: Location::parse(&history, &s3).with_context(|| format!("job {}: history", j.name))?,
-                        offline: Location::parse(&j.offline, &s3).with_context(|| format!("job {}: offline", j.name))?,
-                        cutoff_ms: last_midnight(scheduled) + view.batch.cutoff_offset.millis(),
-                        full: false,
-                        row_ttl_days: 7,
-                        compact_over: lambda_batch::job::COMPACT_OVER,
-                        view,
-                    };
-                    let region = std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into());
-                    let endpoint = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").ok();
-                    let store = open_store(&j.store, &region, endpoint.as_deref()).await?;
-                    let started = now();
-                    let mut attempts = 0;
-                    let attempt_all = async { loop {
-                        attempts += 1;
-                        tracing::info!(job = %j.name, scheduled = %format_ts(scheduled), cutoff = %format_ts(opts.cutoff_ms), attempts, "Running.");
-                        match run(&opts, store.as_ref(), |_| {}).await {
-                            Ok(s) => break Ok(s),
-                            Err(e) if attempts <= j.retries => {
-                                let wait = retry_backoff_ms(attempts);
-                                tracing::warn!(job = %j.name, error = %format!("{e:#}"), wait_s = wait / 1000, "Run failed; retrying.");
-                                tokio::select! {
-                                    _ = tokio::time::sleep(std::time::Duration::from_millis(wait as u64)) => {}
-                                    _ = tokio::signal::ctrl_c() => break Err(anyhow::anyhow!("interrupted")),
-                                }
-                            }
-                            Err(e) => break Err(anyhow::Error::new(e)),
-                        }
-                    } };
-                    let outcome = tokio::select! {
-                        o = attempt_all => o,
-                        lost = coord.keep(&mut held) => Err(anyhow::Error::new(lost).context("the job lock was lost (another copy took it over); stopped")),
-                    };
-                    coord.unlock(held).await?;
-                    let (rows, bytes, text) = match &outcome {
-                        Ok(s) => (s.rows_in, s.bytes_in, "ok".to_string()),
-                        Err(e) => {
-                            failed = true;
-                            (0, 0, format!("error: {e:#}"))
-                        }
-                    };
-                    coord.record(&RunRecord { job: j.name.clone(), scheduled_ms: scheduled, started_ms: started, ended_ms: now(), attempts, outcome: text.clone(), rows, bytes }).await?;
-                    println!("{} {}: {text} ({rows} rows, {:.1} MB, {:.1} s)", j.name, format_ts(scheduled), bytes as f64 / 1e6, (now() - started) as f64 / 1000.0);
+                    failed |= !run_scheduled(&coord, held, j, scheduled).await?;
                 }
             }
             if once {
-                return Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS });
+                return Ok(if failed {
+                    ExitCode::from(1)
+                } else {
+                    ExitCode::SUCCESS
+                });
             }
             let next = jobs.iter().filter_map(|j| j.next_after(now())).min();
             let wait = next.map_or(60_000, |n| (n - now()).clamp(1_000, 3_600_000));
