@@ -1468,11 +1468,25 @@ fn same_values(a: &[Value], b: &[Value]) -> bool {
 /// The Arrow schema of the finalized features: `entity`, then every feature with its output type.
 pub fn features_schema(view: &FeatureView) -> SchemaRef {
     let mut fields = vec![Field::new("entity", DataType::Utf8, false)];
-    for f in view.features() {
-        let ty = view.aggregations[f.aggregation].aggregation.output_type;
-        fields.push(Field::new(&f.name, ty.arrow_type(), true));
-    }
+    fields.extend(
+        feature_columns(view)
+            .iter()
+            .map(|c| Field::new(&c.name, c.ty.arrow_type(), c.nullable)),
+    );
     Arc::new(Schema::new(fields))
+}
+
+/// The finalized features of `view` as columns, in its feature order (NULL where a function
+/// has no value, e.g. the min of no rows).
+fn feature_columns(view: &FeatureView) -> Vec<lambda_core::spec::Column> {
+    view.features()
+        .iter()
+        .map(|f| lambda_core::spec::Column {
+            name: f.name.clone(),
+            ty: view.aggregations[f.aggregation].aggregation.output_type,
+            nullable: true,
+        })
+        .collect()
 }
 
 /// Runs the view's hand-written SQL (`{{cutoff}}` substituted, the source table over the history
@@ -1590,22 +1604,7 @@ fn encode_features(
     for (e, _) in rows {
         entities.append_value(e);
     }
-    let source = lambda_core::spec::Source {
-        name: "features".into(),
-        columns: view
-            .features()
-            .iter()
-            .map(|f| lambda_core::spec::Column {
-                name: f.name.clone(),
-                ty: view.aggregations[f.aggregation].aggregation.output_type,
-                nullable: true,
-            })
-            .collect(),
-        entity: 0,
-        event_time: 0,
-        event_id: 0,
-    };
-    let mut b = lambda_core::decode::BatchBuilder::new(&source);
+    let mut b = lambda_core::decode::BatchBuilder::for_columns(&feature_columns(view));
     for (_, vals) in rows {
         b.push(vals);
     }

@@ -20,7 +20,7 @@ use arrow_schema::{ArrowError, Field, Schema, SchemaRef};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::spec::Source;
+use crate::spec::{Column, Source};
 use crate::types::{ColumnType, Value, parse_decimal};
 
 /// Why one record could not be decoded.
@@ -330,9 +330,13 @@ fn convert(raw: &str, ty: ColumnType) -> Result<Value, Bad> {
 
 /// The Arrow schema of a source (timestamps as `Timestamp(ms, "UTC")`).
 pub fn arrow_schema(source: &Source) -> SchemaRef {
+    columns_schema(&source.columns)
+}
+
+/// The Arrow schema of typed columns, in order.
+fn columns_schema(columns: &[Column]) -> SchemaRef {
     Arc::new(Schema::new(
-        source
-            .columns
+        columns
             .iter()
             .map(|c| Field::new(&c.name, c.ty.arrow_type(), c.nullable))
             .collect::<Vec<_>>(),
@@ -358,9 +362,13 @@ pub struct BatchBuilder {
 impl BatchBuilder {
     /// A builder for `source`'s schema.
     pub fn new(source: &Source) -> Self {
-        let schema = arrow_schema(source);
-        let cols = source
-            .columns
+        Self::for_columns(&source.columns)
+    }
+
+    /// A builder for any list of typed columns (e.g. finalized features), in that order.
+    pub fn for_columns(columns: &[Column]) -> Self {
+        let schema = columns_schema(columns);
+        let cols = columns
             .iter()
             .map(|c| match c.ty {
                 ColumnType::String => ColBuilder::Str(StringBuilder::new()),

@@ -170,6 +170,56 @@ fn lines_become_a_batch_and_bad_lines_are_kept() {
     assert_eq!(b.finish().unwrap().num_rows(), 1);
 }
 
+/// A builder over arbitrary typed columns (the batch job's features file): the columns' names,
+/// types and nullability make the schema, and a value of another type than its column's is NULL.
+#[test]
+fn a_builder_for_typed_columns_keeps_their_names_and_types() {
+    use lambda_core::ColumnType;
+    use lambda_core::spec::Column;
+    let col = |name: &str, ty: ColumnType| Column {
+        name: name.into(),
+        ty,
+        nullable: true,
+    };
+    let columns = [
+        col("n_5m", ColumnType::Int64),
+        col(
+            "sum_5m",
+            ColumnType::Decimal {
+                precision: 20,
+                scale: 2,
+            },
+        ),
+        col("sd_5m", ColumnType::Float64),
+    ];
+    let mut b = BatchBuilder::for_columns(&columns);
+    b.push(&[Value::Int(3), Value::Decimal(1234), Value::Float(0.5)]);
+    b.push(&[
+        Value::Null,
+        Value::Str("not a decimal".into()),
+        Value::Float(1.5),
+    ]);
+    let batch = b.finish().unwrap();
+    let schema = batch.schema();
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    assert_eq!(names, ["n_5m", "sum_5m", "sd_5m"]);
+    assert_eq!(schema.field(1).data_type().to_string(), "Decimal128(20, 2)");
+    assert_eq!(batch.num_rows(), 2);
+    assert_eq!(
+        batch.column(1).as_primitive::<Decimal128Type>().value(0),
+        1234
+    );
+    assert!(batch.column(0).is_null(1));
+    assert!(batch.column(1).is_null(1));
+    assert_eq!(
+        batch
+            .column(2)
+            .as_primitive::<arrow_array::types::Float64Type>()
+            .value(1),
+        1.5
+    );
+}
+
 /// The package directory of the checkout the test runs in (read at run time: a test binary reused
 /// from a target directory shared with another checkout must not look into that checkout).
 fn manifest_dir() -> String {
