@@ -228,6 +228,11 @@ fn partial_rel(view: &FeatureView, tier: Tier, day: i64) -> String {
     partial_file(view, tier, day, "part-0.parquet")
 }
 
+/// The record of the history files a stored partial was computed from.
+fn inputs_rel(view: &FeatureView, tier: Tier, day: i64) -> String {
+    partial_file(view, tier, day, "_inputs.json")
+}
+
 fn partial_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("entity", DataType::Utf8, false),
@@ -611,6 +616,110 @@ fn add_partials(
     Ok(())
 }
 
+/// What one day of the history needs this run ([`plan_day`]).
+struct DayPlan {
+    day: i64,
+    /// `date=YYYY-MM-DD`, relative to the history.
+    dir: String,
+    /// The day's Parquet files and sizes: stored partials are valid for exactly these inputs.
+    files: Vec<(String, u64)>,
+    /// `files` as recorded next to the stored partials (`_inputs.json`).
+    inputs: Vec<u8>,
+    /// The tiers to compute, with the range each needs.
+    todo: Vec<(Tier, i64, i64)>,
+}
+
+/// Plans one day: its history files, and which of the tiers that reach it (`needs`) must be
+/// computed. Stored day and hour partials are reused unless `--full` or the day's files changed
+/// (late events from the speed layer, corrections); tiles are always recomputed (they only cover
+/// the hours before this cutoff).
+async fn plan_day(
+    opts: &RunOptions,
+    needs: &[(Tier, i64, i64)],
+    day: i64,
+) -> Result<DayPlan, BatchError> {
+    let view = &opts.view;
+    let dir = format!("date={}", date_of(day));
+    let files = parquet_files(&opts.history, &dir).await?;
+    let inputs = serde_json::to_vec(&files).unwrap_or_default();
+    let mut todo: Vec<(Tier, i64, i64)> = Vec::new();
+    for (tier, from, to) in needs {
+        if day + DAY_MS <= *from || day >= *to {
+            continue;
+        }
+        let stored = *tier != Tier::Tile
+            && !opts.full
+            && opts
+                .offline
+                .get(&inputs_rel(view, *tier, day))
+                .await?
+                .as_deref()
+                == Some(inputs.as_slice())
+            && opts.offline.exists(&partial_rel(view, *tier, day)).await?;
+        if !stored {
+            todo.push((*tier, *from, *to));
+        }
+    }
+    Ok(DayPlan {
+        day,
+        dir,
+        files,
+        inputs,
+        todo,
+    })
+}
+
+/// A day computed by [`compute_day`].
+struct ComputedDay {
+    /// History rows and bytes read.
+    rows: u64,
+    bytes: u64,
+    /// The day's history directory (named in errors).
+    dir_url: String,
+    /// Per tier, the partials (entity, start, states).
+    parts: BTreeMap<Tier, Vec<RecordBatch>>,
+}
+
+/// Computes the planned tiers of one day (none: `None`, every tier reused) and stores its day and
+/// hour partials, each with the inputs they were computed from.
+async fn compute_day(
+    day_ctx: &SessionContext,
+    opts: &RunOptions,
+    plan: DayPlan,
+) -> Result<(i64, Option<ComputedDay>), BatchError> {
+    let (view, day) = (&opts.view, plan.day);
+    if plan.todo.is_empty() {
+        return Ok((day, None));
+    }
+    let (rows, bytes) = check_partition(view, &opts.history, &plan.dir, &plan.files).await?;
+    let dir_url = opts.history.url_of(&plan.dir);
+    let parts = if bytes > 0 {
+        day_partials(day_ctx, view, &dir_url, day, &plan.todo).await?
+    } else {
+        // No history that day: empty partial files record it as done.
+        plan.todo.iter().map(|t| (t.0, Vec::new())).collect()
+    };
+    for (tier, batches) in &parts {
+        if *tier != Tier::Tile {
+            let rel = partial_rel(view, *tier, day);
+            write_parquet(&opts.offline, &rel, partial_schema(), batches).await?;
+            opts.offline
+                .put(&inputs_rel(view, *tier, day), plan.inputs.clone())
+                .await?;
+        }
+    }
+    // The computed partials are used from memory (the stored files are the same rows).
+    Ok((
+        day,
+        Some(ComputedDay {
+            rows,
+            bytes,
+            dir_url,
+            parts,
+        }),
+    ))
+}
+
 /// Runs the job and uploads the batch rows to `store`.
 pub async fn run(
     opts: &RunOptions,
@@ -657,50 +766,25 @@ pub async fn run(
         d += DAY_MS;
     }
     let partial_path = |tier: Tier, day: i64| partial_rel(view, tier, day);
-    let inputs_path = |tier: Tier, day: i64| partial_file(view, tier, day, "_inputs.json");
     let mut rows = EntityPartials::default();
     let started = Instant::now();
     let total = days.len();
     // 1. Plan: which tiers each day must compute (stored partials of unchanged inputs are reused).
     //    Days are planned concurrently (each is a listing and a few small reads).
-    let plan_day = |day: i64| {
-        let needs = &needs;
-        async move {
-            let dir = format!("date={}", date_of(day));
-            // The day's history files: stored partials are valid only for exactly these inputs,
-            // so files added later (late events from the speed layer, corrections) recompute it.
-            let files = parquet_files(&opts.history, &dir).await?;
-            let inputs = serde_json::to_vec(&files).unwrap_or_default();
-            // Stored tiers (day, hour) are reused unless --full; tiles are always recomputed (they
-            // only cover the hours before this cutoff).
-            let mut todo: Vec<(Tier, i64, i64)> = Vec::new();
-            for (tier, from, to) in needs {
-                if day + DAY_MS <= *from || day >= *to {
-                    continue;
-                }
-                let stored = *tier != Tier::Tile
-                    && !opts.full
-                    && opts.offline.get(&inputs_path(*tier, day)).await?.as_deref()
-                        == Some(inputs.as_slice())
-                    && opts.offline.exists(&partial_path(*tier, day)).await?;
-                if *tier == Tier::Tile || opts.full || !stored {
-                    todo.push((*tier, *from, *to));
-                }
-            }
-            Ok::<_, BatchError>((day, dir, files, inputs, todo))
-        }
-    };
-    let plans: Vec<_> = futures::stream::iter(days.iter().map(|d| plan_day(*d)))
-        .buffered(16)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
+    let plans: Vec<DayPlan> =
+        futures::stream::iter(days.iter().map(|d| plan_day(opts, &needs, *d)))
+            .buffered(16)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
     tracing::debug!(view = %view.name, days = plans.len(), elapsed_s = started.elapsed().as_secs_f64(), "Planned.");
     // What the online batch view already reflects decides what this run rewrites: the entities
     // with a new or changed day, or everything (a rebuild) when there is nothing to build on.
-    let day_files: BTreeMap<String, Vec<(String, u64)>> =
-        plans.iter().map(|p| (date_of(p.0), p.2.clone())).collect();
+    let day_files: BTreeMap<String, Vec<(String, u64)>> = plans
+        .iter()
+        .map(|p| (date_of(p.day), p.files.clone()))
+        .collect();
     let committed = read_commit(view, &opts.offline, store).await?;
     let fingerprint = view_fingerprint(view);
     let rebuild = rebuild_reason(opts, committed.as_ref(), &fingerprint, &day_files);
@@ -725,37 +809,11 @@ pub async fn run(
     //    cores busy); results are applied in day order.
     let day_ctx = &day_ctx;
     let partial_path = &partial_path;
-    let inputs_path = &inputs_path;
-    let mut computed = futures::stream::iter(plans.into_iter().map(
-        |(day, dir, files, inputs, todo)| async move {
-            if todo.is_empty() {
-                return Ok::<_, BatchError>((day, None));
-            }
-            let (r, b) = check_partition(view, &opts.history, &dir, &files).await?;
-            let parts = if b > 0 {
-                day_partials(day_ctx, view, &opts.history.url_of(&dir), day, &todo).await?
-            } else {
-                // No history that day: empty partial files record it as done.
-                todo.iter().map(|t| (t.0, Vec::new())).collect()
-            };
-            for (tier, batches) in &parts {
-                if *tier != Tier::Tile {
-                    write_parquet(
-                        &opts.offline,
-                        &partial_path(*tier, day),
-                        partial_schema(),
-                        batches,
-                    )
-                    .await?;
-                    opts.offline
-                        .put(&inputs_path(*tier, day), inputs.clone())
-                        .await?;
-                }
-            }
-            // The computed partials are used from memory (the stored files are the same rows).
-            Ok((day, Some((r, b, opts.history.url_of(&dir), parts))))
-        },
-    ))
+    let mut computed = futures::stream::iter(
+        plans
+            .into_iter()
+            .map(|plan| compute_day(day_ctx, opts, plan)),
+    )
     .buffered(DAYS_AT_ONCE);
     // 3. Gather the partials of the days that changed since the committed batch view (every
     //    day on a rebuild), in day order. Meanwhile (4.) find the entities whose features may
@@ -768,7 +826,12 @@ pub async fn run(
             n += 1;
             let mut in_memory = BTreeMap::new();
             match done {
-                Some((r, b, dir_url, parts)) => {
+                Some(ComputedDay {
+                    rows: r,
+                    bytes: b,
+                    dir_url,
+                    parts,
+                }) => {
                     summary.rows_in += r;
                     summary.bytes_in += b;
                     if b > 0 {
