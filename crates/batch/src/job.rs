@@ -197,10 +197,106 @@ struct EntityPartials {
     by_entity: HashMap<String, Vec<PartialBlob>>,
     arrays: Vec<BinaryArray>,
 }
-/// A built batch row and the entity's finalized features at the cutoff.
-/// A built batch row (the item, and the full row when the item holds a compacted one) and the
-/// entity's finalized features at the cutoff.
-type BuiltRow = (Option<Item>, Option<Vec<u8>>, (String, Vec<Value>));
+
+/// What [`RowBuild::build`] makes of one entity.
+struct BuiltRow {
+    /// The batch row to upload (none for an entity whose kept row still serves).
+    item: Option<Item>,
+    /// The full row, when `item` holds its compacted form (kept in the offline store).
+    full: Option<Vec<u8>>,
+    /// The entity and its features at the cutoff.
+    features: (String, Vec<Value>),
+}
+
+/// Builds the batch rows and features of a night's entities (shared by the worker threads).
+struct RowBuild<'a> {
+    view: &'a FeatureView,
+    aggs: Vec<lambda_core::Aggregation>,
+    plan: lambda_core::merge::FeaturePlan,
+    cutoff_ms: i64,
+    /// The days whose stored buckets this run replaces (every day on a rebuild).
+    changed_days: &'a BTreeSet<i64>,
+    /// The partial states' arrays that [`PartialBlob`]s point into.
+    arrays: &'a [BinaryArray],
+    /// Previous rows by entity (empty on a rebuild).
+    old: &'a HashMap<String, Vec<u8>>,
+    is_rebuild: bool,
+    compact_over: usize,
+    /// The rows' expiry, in seconds since the epoch.
+    expires: i64,
+}
+
+impl RowBuild<'_> {
+    fn item(&self, entity: &str, data: Vec<u8>) -> Item {
+        Item {
+            key: ItemKey::batch(&self.view.name, entity),
+            data,
+            guard: None,
+            expires_at: Some(self.expires),
+        }
+    }
+
+    /// One entity: with `parts` (its new buckets), its previous row spliced with them, encoded
+    /// (compacted when too large) and its features; without (only leaving), the features of its
+    /// kept row, which still serves this cutoff.
+    fn build(&self, entity: &str, parts: Option<&[PartialBlob]>) -> Result<BuiltRow, BatchError> {
+        let (view, c) = (self.view, self.cutoff_ms);
+        let Some(parts) = parts else {
+            return Ok(match self.old.get(entity) {
+                Some(data) => {
+                    let body = row_body(data)?;
+                    let f = encoded_row_features_at(&self.plan, &RowBlobs::parse(&body)?, c)?;
+                    BuiltRow {
+                        item: None,
+                        full: None,
+                        features: (entity.to_string(), f),
+                    }
+                }
+                None => {
+                    let blobs = splice_row(view, c, None, |_, _| true, &[]);
+                    let f = encoded_row_features_at(&self.plan, &blobs, c)?;
+                    BuiltRow {
+                        item: self.is_rebuild.then(|| self.item(entity, blobs.encode())),
+                        full: None,
+                        features: (entity.to_string(), f),
+                    }
+                }
+            });
+        };
+        let fresh: Vec<(Tier, i64, &[u8])> = parts
+            .iter()
+            .map(|(tier, start, array, row)| {
+                (
+                    *tier,
+                    *start,
+                    self.arrays[*array as usize].value(*row as usize),
+                )
+            })
+            .collect();
+        let prev_body = self.old.get(entity).map(|b| row_body(b)).transpose()?;
+        let prev = prev_body.as_deref().map(RowBlobs::parse).transpose()?;
+        let replaced = |tier: Tier, start: i64| {
+            tier == Tier::Tile
+                || self
+                    .changed_days
+                    .contains(&tile_start(start, lambda_core::Span::days(1)))
+        };
+        let blobs = splice_row(view, c, prev.as_ref(), replaced, &fresh);
+        let features = encoded_row_features_at(&self.plan, &blobs, c)?;
+        let data = blobs.encode();
+        let (data, full) = if data.len() > self.compact_over {
+            let row = BatchRow::decode(&self.aggs, &data)?;
+            (compact_row(view, &row).encode(&self.aggs), Some(data))
+        } else {
+            (data, None)
+        };
+        Ok(BuiltRow {
+            item: Some(self.item(entity, data)),
+            full,
+            features: (entity.to_string(), features),
+        })
+    }
+}
 
 /// Rows larger than this are compacted ([`lambda_core::merge::compact_row`]) for the online
 /// store, whose items are limited (DynamoDB: 400 KB); the full row is kept offline.
@@ -945,17 +1041,11 @@ pub async fn run(
         old.extend(full_prev);
     }
     tracing::info!(view = %view.name, changed = changed_rows.len(), leaving = only_leaving.len(), previous_rows = old.len(), elapsed_s = started.elapsed().as_secs_f64(), "Previous rows read.");
-    let aggs = view.aggs();
     let max_reach = row_tiers(view)
         .into_iter()
         .map(|t| tier_reach(view, t).millis())
         .max()
         .unwrap_or(0);
-    // A row is kept until its newest data has left every window, plus the configured days.
-    let expires = (c + max_reach).div_euclid(1000) + opts.row_ttl_days * 86_400;
-    let replaced = |tier: Tier, start: i64| {
-        tier == Tier::Tile || changed.contains(&tile_start(start, lambda_core::Span::days(1)))
-    };
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
@@ -968,54 +1058,21 @@ pub async fn run(
         .chain(only_leaving.iter().map(|e| (e.as_str(), None)))
         .collect();
     let is_rebuild = rebuild.is_some();
-    let plan = lambda_core::merge::FeaturePlan::new(view);
-    let item = |entity: &str, data: Vec<u8>| Item {
-        key: ItemKey::batch(&view.name, entity),
-        data,
-        guard: None,
-        expires_at: Some(expires),
+    let builder = RowBuild {
+        view,
+        aggs: view.aggs(),
+        plan: lambda_core::merge::FeaturePlan::new(view),
+        cutoff_ms: c,
+        changed_days: &changed,
+        arrays,
+        old: &old,
+        is_rebuild,
+        compact_over: opts.compact_over,
+        // A row is kept until its newest data has left every window, plus the configured days.
+        expires: (c + max_reach).div_euclid(1000) + opts.row_ttl_days * 86_400,
     };
     let build_one =
-        |(entity, parts): &(&str, Option<&[PartialBlob]>)| -> Result<BuiltRow, BatchError> {
-            let Some(parts) = parts else {
-                // Only leaving: the kept row serves this cutoff.
-                return Ok(match old.get(*entity) {
-                    Some(data) => {
-                        let body = row_body(data)?;
-                        let f = encoded_row_features_at(&plan, &RowBlobs::parse(&body)?, c)?;
-                        (None, None, (entity.to_string(), f))
-                    }
-                    None => {
-                        let blobs = splice_row(view, c, None, |_, _| true, &[]);
-                        let f = encoded_row_features_at(&plan, &blobs, c)?;
-                        let written = is_rebuild.then(|| item(entity, blobs.encode()));
-                        (written, None, (entity.to_string(), f))
-                    }
-                });
-            };
-            let fresh: Vec<(Tier, i64, &[u8])> = parts
-                .iter()
-                .map(|(tier, start, array, row)| {
-                    (*tier, *start, arrays[*array as usize].value(*row as usize))
-                })
-                .collect();
-            let prev_body = old.get(*entity).map(|b| row_body(b)).transpose()?;
-            let prev = prev_body.as_deref().map(RowBlobs::parse).transpose()?;
-            let blobs = splice_row(view, c, prev.as_ref(), replaced, &fresh);
-            let features = encoded_row_features_at(&plan, &blobs, c)?;
-            let data = blobs.encode();
-            let (data, full) = if data.len() > opts.compact_over {
-                let row = BatchRow::decode(&aggs, &data)?;
-                (compact_row(view, &row).encode(&aggs), Some(data))
-            } else {
-                (data, None)
-            };
-            Ok((
-                Some(item(entity, data)),
-                full,
-                (entity.to_string(), features),
-            ))
-        };
+        |(entity, parts): &(&str, Option<&[PartialBlob]>)| builder.build(entity, *parts);
     // Rows are uploaded on another thread while the next ones are built.
     let total = changed_rows.len() + if is_rebuild { only_leaving.len() } else { 0 };
     let mut feature_rows: Vec<(String, Vec<Value>)> = Vec::with_capacity(work.len());
@@ -1055,7 +1112,12 @@ pub async fn run(
         };
         let mut pending: Vec<Item> = Vec::new();
         let built_ok = par_map_each(&work, threads, build_one, |built| {
-            for (item, full, f) in built {
+            for BuiltRow {
+                item,
+                full,
+                features: f,
+            } in built
+            {
                 if let Some(item) = item {
                     summary.row_bytes += item.data.len() as u64;
                     if let Some(full) = full {
