@@ -4,6 +4,8 @@
 #   2. lambda-batch run, next night (incremental: one new day; three times for the spread)
 #   3. DuckDB running the equivalent SQL (per-user daily partial aggregates with the same
 #      deduplication and filters) over the same files, for the ratio.
+#   4. A summary: both ratios of this run against the issue's targets (full run within 1.5x of
+#      DuckDB; a night at least 10x cheaper than the full run).
 # Usage: scripts/bench-batch.sh [DATA_DIR]   (default data/gen10m; generated if missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,9 +16,16 @@ bin=$CARGO_TARGET_DIR/release
 cargo build --release --locked -q -p lambda-gen -p lambda-batch
 [ -d "$data/history" ] || "$bin/lambda-gen" --events 10000000 --days 90 --out "$data"
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
-run() { /usr/bin/time -f "  wall %e s, peak RSS %M KB" "$bin/lambda-batch" run --view examples/fraud/features.toml \
-  --history "$data/history" --offline "$work/offline" --store "$work/online.redb" --row-ttl-days 3650 "$@"; }
-echo "== lambda-batch, full run (cutoff 2025-12-31)"; run --full --cutoff 2025-12-31
+# Runs the job, printing and recording (in $work/times: label, wall s, peak RSS KB) its cost.
+run() {
+  local label=$1; shift
+  /usr/bin/time -o "$work/t" -f "%e %M" "$bin/lambda-batch" run --view examples/fraud/features.toml \
+    --history "$data/history" --offline "$work/offline" --store "$work/online.redb" --row-ttl-days 3650 "$@"
+  read -r wall rss < "$work/t"
+  echo "  wall $wall s, peak RSS $rss KB"
+  echo "$label $wall $rss" >> "$work/times"
+}
+echo "== lambda-batch, full run (cutoff 2025-12-31)"; run full --full --cutoff 2025-12-31
 # The next night: the day 2025-12-31 is new, the 89 days before it are stored partials. Run three
 # times from the same state (the full run's offline and online stores, restored each time: a
 # rerun of a committed night has almost nothing to do) to show the spread on a shared machine.
@@ -25,13 +34,13 @@ cp -r "$work/offline" "$work/offline.full"; cp "$work/online.redb" "$work/online
 for i in 1 2 3; do
   rm -rf "$work/offline" "$work/online.redb"
   cp -r "$work/offline.full" "$work/offline"; cp "$work/online.full" "$work/online.redb"; sync
-  echo "== lambda-batch, incremental night $i (cutoff 2026-01-01)"; run --cutoff 2026-01-01
+  echo "== lambda-batch, incremental night $i (cutoff 2026-01-01)"; run night --cutoff 2026-01-01
 done
 venv=${LAMBDA_EMU_HOME:-$HOME/.cache/lambda-emulators}/venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -c 'import duckdb' 2>/dev/null || "$venv/bin/pip" install -q duckdb==2.0.1
 echo "== DuckDB, equivalent SQL over the days the full run reads (before 2025-12-31): daily partial aggregates per user, deduplicated, filtered"
-"$venv/bin/python" - "$data/history" <<'PY'
+"$venv/bin/python" - "$data/history" "$work/times" <<'PY'
 import sys, time, duckdb
 hist = sys.argv[1]
 con = duckdb.connect()
@@ -54,5 +63,23 @@ FROM ev GROUP BY 1, 2
 t = time.time()
 con.execute(q)
 n = con.execute("SELECT count(*) FROM daily").fetchone()[0]
-print(f"  wall {time.time() - t:.2f} s, {n} (user, day) rows")
+wall = time.time() - t
+print(f"  wall {wall:.2f} s, {n} (user, day) rows")
+with open(sys.argv[2], "a") as f:
+    f.write(f"duckdb {wall:.2f} 0\n")
+PY
+echo "== Summary (this run only: the machine's speed drifts, compare runs of one script run)"
+python3 - "$work/times" <<'PY'
+import sys
+runs = {}
+for line in open(sys.argv[1]):
+    label, wall, rss = line.split()
+    runs.setdefault(label, []).append((float(wall), int(rss)))
+full, nights, duck = runs["full"][0][0], [w for w, _ in runs["night"]], runs["duckdb"][0][0]
+cheaper = [full / w for w in nights]
+ok = lambda met: "met" if met else "NOT met"
+print(f"  full run {full:.2f} s; DuckDB {duck:.2f} s: lambda/DuckDB {full / duck:.2f}x "
+      f"(target at most 1.5x: {ok(full / duck <= 1.5)})")
+print(f"  nights {min(nights):.2f}-{max(nights):.2f} s: {min(cheaper):.1f}-{max(cheaper):.1f}x cheaper "
+      f"than the full run (target at least 10x: {ok(min(cheaper) >= 10)})")
 PY
