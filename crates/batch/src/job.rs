@@ -816,6 +816,135 @@ async fn compute_day(
     ))
 }
 
+/// What [`build_and_upload`] made.
+struct Built {
+    /// Every entity's features at the cutoff, by entity.
+    feature_rows: Vec<(String, Vec<Value>)>,
+    /// The full rows of compacted ones (for the offline store).
+    full_rows: Vec<(String, Vec<u8>)>,
+    /// Batch rows uploaded, and their bytes.
+    written: usize,
+    row_bytes: u64,
+    /// The features file, encoded while the last rows uploaded (none with hand-written SQL).
+    encoded: Option<Vec<u8>>,
+}
+
+/// How [`build_and_upload`] runs.
+struct Upload<'a> {
+    /// Worker threads building rows.
+    threads: usize,
+    /// Rows to upload (for progress).
+    total: usize,
+    /// Features of the committed night's file, kept for entities this rerun does not rebuild.
+    previous_features: Vec<(String, Vec<Value>)>,
+    /// The features file (named in errors).
+    features_url: &'a str,
+    /// When the run started (for the logs).
+    started: Instant,
+}
+
+/// Builds the rows and features of `work` on worker threads while another thread uploads the
+/// rows to `store` in chunks of 5 000 (a failed upload stops the building), then sorts the
+/// features and encodes the features file while the last rows upload.
+fn build_and_upload(
+    store: &dyn OnlineStore,
+    builder: &RowBuild<'_>,
+    work: &[(&str, Option<&[PartialBlob]>)],
+    how: Upload<'_>,
+    progress: &mut impl FnMut(Progress),
+) -> Result<Built, BatchError> {
+    let view = builder.view;
+    let (total, started) = (how.total, how.started);
+    let mut feature_rows: Vec<(String, Vec<Value>)> = Vec::with_capacity(work.len());
+    let mut full_rows: Vec<(String, Vec<u8>)> = Vec::new();
+    let (mut written, mut row_bytes) = (0usize, 0u64);
+    let handle = tokio::runtime::Handle::current();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Item>>(1);
+    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<usize>();
+    let encoded = std::thread::scope(|scope| {
+        let uploader = scope.spawn(move || -> Result<(), BatchError> {
+            for chunk in rx {
+                handle.block_on(store.batch_put(&chunk))?;
+                // The receiver outlives this thread.
+                let _ = ack_tx.send(chunk.len());
+            }
+            Ok(())
+        });
+        let mut uploaded = 0;
+        let mut report = |progress: &mut dyn FnMut(Progress)| {
+            for n in ack_rx.try_iter() {
+                uploaded += n;
+                progress(Progress::Upload {
+                    done: uploaded,
+                    total,
+                });
+            }
+        };
+        let mut pending: Vec<Item> = Vec::new();
+        let build_one =
+            |(entity, parts): &(&str, Option<&[PartialBlob]>)| builder.build(entity, *parts);
+        let built_ok = par_map_each(work, how.threads, build_one, |built| {
+            for BuiltRow {
+                item,
+                full,
+                features: f,
+            } in built
+            {
+                if let Some(item) = item {
+                    row_bytes += item.data.len() as u64;
+                    if let Some(full) = full {
+                        full_rows.push((f.0.clone(), full));
+                    }
+                    pending.push(item);
+                    written += 1;
+                }
+                feature_rows.push(f);
+            }
+            if pending.len() >= 5_000 && tx.send(std::mem::take(&mut pending)).is_err() {
+                return false; // the uploader failed: its error is returned below
+            }
+            report(progress);
+            true
+        });
+        if built_ok.is_ok() && !pending.is_empty() {
+            let _ = tx.send(pending);
+        }
+        drop(tx);
+        tracing::debug!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Rows and features built.");
+        // The features file is encoded here while the last rows upload (with hand-written SQL,
+        // after its query).
+        if !how.previous_features.is_empty() {
+            let fresh: BTreeSet<String> = feature_rows.iter().map(|r| r.0.clone()).collect();
+            feature_rows.extend(
+                how.previous_features
+                    .into_iter()
+                    .filter(|(e, _)| !fresh.contains(e)),
+            );
+        }
+        feature_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let encoded = match (&built_ok, &view.batch.sql) {
+            (Ok(()), None) => Some(encode_features(view, how.features_url, &feature_rows)),
+            _ => None,
+        };
+        tracing::debug!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Features encoded.");
+        let uploaded_ok = uploader.join().unwrap_or_else(|_| {
+            Err(BatchError::Config(
+                "the upload thread panicked (a bug)".into(),
+            ))
+        });
+        report(progress);
+        built_ok.and(uploaded_ok)?;
+        encoded.transpose()
+    })?;
+    Ok(Built {
+        feature_rows,
+        full_rows,
+        written,
+        row_bytes,
+        encoded,
+    })
+}
+
 /// Runs the job and uploads the batch rows to `store`.
 pub async fn run(
     opts: &RunOptions,
@@ -1071,16 +1200,8 @@ pub async fn run(
         // A row is kept until its newest data has left every window, plus the configured days.
         expires: (c + max_reach).div_euclid(1000) + opts.row_ttl_days * 86_400,
     };
-    let build_one =
-        |(entity, parts): &(&str, Option<&[PartialBlob]>)| builder.build(entity, *parts);
     // Rows are uploaded on another thread while the next ones are built.
     let total = changed_rows.len() + if is_rebuild { only_leaving.len() } else { 0 };
-    let mut feature_rows: Vec<(String, Vec<Value>)> = Vec::with_capacity(work.len());
-    let mut full_rows: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut written = 0usize;
-    let handle = tokio::runtime::Handle::current();
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Item>>(1);
-    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<usize>();
     let features_rel = format!("{base}/features/cutoff={}/part-0.parquet", date_of(c));
     let features_url = opts.offline.url_of(&features_rel);
     // Rerunning the committed night keeps the entities its features file already lists (the rerun
@@ -1091,79 +1212,26 @@ pub async fn run(
         }
         _ => Vec::new(),
     };
-    let encoded = std::thread::scope(|scope| {
-        let uploader = scope.spawn(move || -> Result<(), BatchError> {
-            for chunk in rx {
-                handle.block_on(store.batch_put(&chunk))?;
-                // The receiver outlives this thread.
-                let _ = ack_tx.send(chunk.len());
-            }
-            Ok(())
-        });
-        let mut uploaded = 0;
-        let mut report = |progress: &mut dyn FnMut(Progress)| {
-            for n in ack_rx.try_iter() {
-                uploaded += n;
-                progress(Progress::Upload {
-                    done: uploaded,
-                    total,
-                });
-            }
-        };
-        let mut pending: Vec<Item> = Vec::new();
-        let built_ok = par_map_each(&work, threads, build_one, |built| {
-            for BuiltRow {
-                item,
-                full,
-                features: f,
-            } in built
-            {
-                if let Some(item) = item {
-                    summary.row_bytes += item.data.len() as u64;
-                    if let Some(full) = full {
-                        full_rows.push((f.0.clone(), full));
-                    }
-                    pending.push(item);
-                    written += 1;
-                }
-                feature_rows.push(f);
-            }
-            if pending.len() >= 5_000 && tx.send(std::mem::take(&mut pending)).is_err() {
-                return false; // the uploader failed: its error is returned below
-            }
-            report(&mut progress);
-            true
-        });
-        if built_ok.is_ok() && !pending.is_empty() {
-            let _ = tx.send(pending);
-        }
-        drop(tx);
-        tracing::debug!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Rows and features built.");
-        // The features file is encoded here while the last rows upload (with hand-written SQL,
-        // after its query).
-        if !previous_features.is_empty() {
-            let fresh: BTreeSet<String> = feature_rows.iter().map(|r| r.0.clone()).collect();
-            feature_rows.extend(
-                previous_features
-                    .into_iter()
-                    .filter(|(e, _)| !fresh.contains(e)),
-            );
-        }
-        feature_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let encoded = match (&built_ok, &view.batch.sql) {
-            (Ok(()), None) => Some(encode_features(view, &features_url, &feature_rows)),
-            _ => None,
-        };
-        tracing::debug!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Features encoded.");
-        let uploaded_ok = uploader.join().unwrap_or_else(|_| {
-            Err(BatchError::Config(
-                "the upload thread panicked (a bug)".into(),
-            ))
-        });
-        report(&mut progress);
-        built_ok.and(uploaded_ok)?;
-        encoded.transpose()
-    })?;
+    let Built {
+        mut feature_rows,
+        full_rows,
+        written,
+        row_bytes,
+        encoded,
+    } = build_and_upload(
+        store,
+        &builder,
+        &work,
+        Upload {
+            threads,
+            total,
+            previous_features,
+            features_url: &features_url,
+            started,
+        },
+        &mut progress,
+    )?;
+    summary.row_bytes = row_bytes;
     summary.compacted = full_rows.len();
     summary.entities = written;
     summary.features_written = feature_rows.len();
