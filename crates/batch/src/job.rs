@@ -1239,19 +1239,8 @@ pub async fn run(
     tracing::info!(view = %view.name, rows = written, features = feature_rows.len(), elapsed_s = started.elapsed().as_secs_f64(), "Batch rows built and uploaded.");
     if let Some(file) = &view.batch.sql {
         let hand = hand_written_features(&ctx, opts, file).await?;
-        // Compared on the entities with data (a rebuild: every one); entities whose data all left
-        // the windows are not rows of the hand-written SQL.
         let with_data: BTreeSet<&str> = changed_rows.iter().map(|r| r.0.as_str()).collect();
-        let ours: BTreeMap<&str, &Vec<Value>> = feature_rows
-            .iter()
-            .filter(|(e, _)| with_data.contains(e.as_str()))
-            .map(|(e, v)| (e.as_str(), v))
-            .collect();
-        let drift = hand
-            .iter()
-            .filter(|(e, v)| ours.get(e.as_str()).is_none_or(|o| !same_values(o, v)))
-            .count()
-            + ours.len().saturating_sub(hand.len());
+        let drift = sql_drift(&feature_rows, &with_data, &hand);
         if drift > 0 {
             tracing::warn!(view = %view.name, file = %file.display(), entities = drift, "Hand-written SQL differs from the feature definition (run the parity checker for where and why).");
         }
@@ -1265,39 +1254,21 @@ pub async fn run(
     opts.offline.put(&features_rel, parquet).await?;
     tracing::info!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Offline features written.");
     // Only now does the online view reflect this run: the next one builds on it.
-    let id = format!(
-        "{}-{}-{}",
-        date_of(c),
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    );
-    let full_rel = (!full_rows.is_empty()).then(|| format!("{base}/view/full-rows-{id}.bin"));
-    if let Some(rel) = &full_rel {
-        let mut w = lambda_core::codec::Writer::default();
-        w.u64(full_rows.len() as u64);
-        for (e, data) in &full_rows {
-            w.bytes(e.as_bytes());
-            w.bytes(data);
-        }
-        opts.offline.put(rel, w.buf).await?;
-    }
-    let commit = Commit {
-        id,
-        cutoff_ms: c,
-        fingerprint,
-        days: day_files,
-        full_rows: full_rel,
-    };
-    write_commit(view, &opts.offline, store, &commit).await?;
+    commit_night(
+        opts,
+        store,
+        committed.as_ref(),
+        Commit {
+            id: String::new(),
+            cutoff_ms: c,
+            fingerprint,
+            days: day_files,
+            full_rows: None,
+        },
+        &full_rows,
+    )
+    .await?;
     tracing::debug!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Committed.");
-    // The previous full rows are not needed any more.
-    if let Some(rel) = committed.as_ref().and_then(|p| p.full_rows.as_ref())
-        && Some(rel) != commit.full_rows.as_ref()
-    {
-        opts.offline.delete(rel).await?;
-    }
     Ok(summary)
 }
 
@@ -1493,6 +1464,45 @@ async fn read_commit(
         .then_some(commit))
 }
 
+/// Commits a night: the full rows of compacted entities go to a file of their own, then the
+/// commit record (`commit`, given its id and that file here) to the offline and the online store;
+/// the previous commit's full rows file is deleted once it is no longer referenced.
+async fn commit_night(
+    opts: &RunOptions,
+    store: &dyn OnlineStore,
+    previous: Option<&Commit>,
+    mut commit: Commit,
+    full_rows: &[(String, Vec<u8>)],
+) -> Result<(), BatchError> {
+    let view = &opts.view;
+    commit.id = format!(
+        "{}-{}-{}",
+        date_of(commit.cutoff_ms),
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    commit.full_rows =
+        (!full_rows.is_empty()).then(|| format!("{}/view/full-rows-{}.bin", view.name, commit.id));
+    if let Some(rel) = &commit.full_rows {
+        let mut w = lambda_core::codec::Writer::default();
+        w.u64(full_rows.len() as u64);
+        for (e, data) in full_rows {
+            w.bytes(e.as_bytes());
+            w.bytes(data);
+        }
+        opts.offline.put(rel, w.buf).await?;
+    }
+    write_commit(view, &opts.offline, store, &commit).await?;
+    if let Some(rel) = previous.and_then(|p| p.full_rows.as_ref())
+        && Some(rel) != commit.full_rows.as_ref()
+    {
+        opts.offline.delete(rel).await?;
+    }
+    Ok(())
+}
+
 async fn write_commit(
     view: &FeatureView,
     offline: &Location,
@@ -1645,6 +1655,25 @@ async fn leaving_entities(
         }
     }
     Ok(out)
+}
+
+/// How many entities the hand-written SQL's features (`hand`) differ on from the definition's
+/// (`ours`), compared on the entities with data (a rebuild: every one): entities whose data all
+/// left the windows are not rows of the hand-written SQL.
+fn sql_drift(
+    ours: &[(String, Vec<Value>)],
+    with_data: &BTreeSet<&str>,
+    hand: &[(String, Vec<Value>)],
+) -> usize {
+    let ours: BTreeMap<&str, &Vec<Value>> = ours
+        .iter()
+        .filter(|(e, _)| with_data.contains(e.as_str()))
+        .map(|(e, v)| (e.as_str(), v))
+        .collect();
+    hand.iter()
+        .filter(|(e, v)| ours.get(e.as_str()).is_none_or(|o| !same_values(o, v)))
+        .count()
+        + ours.len().saturating_sub(hand.len())
 }
 
 /// Equal feature values; floats within 1e-9 relative (engines sum in different orders).
