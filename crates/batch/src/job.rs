@@ -990,7 +990,6 @@ pub async fn run(
         days.push(d);
         d += DAY_MS;
     }
-    let partial_path = |tier: Tier, day: i64| partial_rel(view, tier, day);
     let mut rows = EntityPartials::default();
     let started = Instant::now();
     let total = days.len();
@@ -1033,7 +1032,6 @@ pub async fn run(
     // 2. Compute the days that need it, a few at once (one day's file is too small to keep both
     //    cores busy); results are applied in day order.
     let day_ctx = &day_ctx;
-    let partial_path = &partial_path;
     let mut computed = futures::stream::iter(
         plans
             .into_iter()
@@ -1086,14 +1084,14 @@ pub async fn run(
             }
             for (tier, from, to) in needs.iter().filter(|t| t.0 != Tier::Tile) {
                 if let Some(batches) = in_memory.get(tier) {
-                    let url = opts.offline.url_of(&partial_path(*tier, day));
+                    let url = opts.offline.url_of(&partial_rel(view, *tier, day));
                     for b in batches {
                         add_partials(b, &url, &mut rows, *tier, *from, *to)?;
                     }
                 } else if day + DAY_MS > *from && day < *to {
                     read_partials(
                         &opts.offline,
-                        &partial_path(*tier, day),
+                        &partial_rel(view, *tier, day),
                         &mut rows,
                         *tier,
                         *from,
@@ -1258,13 +1256,7 @@ pub async fn run(
         opts,
         store,
         committed.as_ref(),
-        Commit {
-            id: String::new(),
-            cutoff_ms: c,
-            fingerprint,
-            days: day_files,
-            full_rows: None,
-        },
+        (fingerprint, day_files),
         &full_rows,
     )
     .await?;
@@ -1464,27 +1456,33 @@ async fn read_commit(
         .then_some(commit))
 }
 
-/// Commits a night: the full rows of compacted entities go to a file of their own, then the
-/// commit record (`commit`, given its id and that file here) to the offline and the online store;
-/// the previous commit's full rows file is deleted once it is no longer referenced.
+/// Commits the night of `opts`: the full rows of compacted entities go to a file of their own,
+/// then the commit record (the view's fingerprint and the history files of each day it reflects)
+/// to the offline and the online store; the previous commit's full rows file is then deleted.
 async fn commit_night(
     opts: &RunOptions,
     store: &dyn OnlineStore,
     previous: Option<&Commit>,
-    mut commit: Commit,
+    (fingerprint, days): (String, BTreeMap<String, Vec<(String, u64)>>),
     full_rows: &[(String, Vec<u8>)],
 ) -> Result<(), BatchError> {
     let view = &opts.view;
-    commit.id = format!(
+    let id = format!(
         "{}-{}-{}",
-        date_of(commit.cutoff_ms),
+        date_of(opts.cutoff_ms),
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos())
     );
-    commit.full_rows =
-        (!full_rows.is_empty()).then(|| format!("{}/view/full-rows-{}.bin", view.name, commit.id));
+    let commit = Commit {
+        full_rows: (!full_rows.is_empty())
+            .then(|| format!("{}/view/full-rows-{id}.bin", view.name)),
+        id,
+        cutoff_ms: opts.cutoff_ms,
+        fingerprint,
+        days,
+    };
     if let Some(rel) = &commit.full_rows {
         let mut w = lambda_core::codec::Writer::default();
         w.u64(full_rows.len() as u64);

@@ -299,10 +299,11 @@ fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
             row_ttl_days: args.row_ttl_days,
             compact_over: lambda_batch::job::COMPACT_OVER,
         };
+        let tty = std::io::stderr().is_terminal();
         while opts.cutoff_ms <= last_cutoff {
             let started = std::time::Instant::now();
-            let summary = run(&opts, store.as_ref(), show_progress).await?;
-            if std::io::stderr().is_terminal() {
+            let summary = run(&opts, store.as_ref(), |p| show_progress(p, tty)).await?;
+            if tty {
                 eprintln!();
             }
             print_summary(&view, opts.cutoff_ms, &summary, started.elapsed());
@@ -415,10 +416,8 @@ async fn run_scheduled(
     Ok(outcome.is_ok())
 }
 
-/// One progress line of a run: redrawn in place on a terminal, one line each otherwise.
-fn show_progress(p: lambda_batch::job::Progress) {
-    use std::io::IsTerminal;
-
+/// One progress line of a run: redrawn in place on a terminal (`tty`), one line each otherwise.
+fn show_progress(p: lambda_batch::job::Progress, tty: bool) {
     use lambda_batch::job::Progress;
     let line = match p {
         Progress::Day {
@@ -433,7 +432,7 @@ fn show_progress(p: lambda_batch::job::Progress) {
         ),
         Progress::Upload { done, total } => format!("uploading batch rows: {done}/{total}"),
     };
-    if std::io::stderr().is_terminal() {
+    if tty {
         eprint!("\r\x1b[2K{line}");
     } else {
         eprintln!("{line}");
