@@ -1,12 +1,26 @@
 //! The embedded online store: one redb file, for laptops and the demo. Same semantics as DynamoDB:
 //! conditions are checked and applied inside one write transaction, so two writers racing for the
 //! same key cannot both win.
+//!
+//! Large values of bulk writes ([`OnlineStore::batch_put`]: the batch job's rows) are kept apart
+//! from the B-tree, as in WiscKey: each call appends them to a new segment file beside the
+//! database (`<file>.values/`, written and synced before the pointers are committed), and the
+//! tree holds a small pointer. Rewriting a row then rewrites a pointer's leaf, not the row's
+//! 4 KiB page: a night's 39 MB of rows cost 39 MB of sequential writes instead of about 85 MB of
+//! copied pages. Each segment's live bytes are counted in the database; a segment no pointer
+//! refers to any more is deleted, and segments less than half live are compacted once dead bytes
+//! outweigh live ones.
 
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
 
 use crate::{
     BatchStats, Clock, Condition, Guard, Item, ItemKey, OnlineStore, StoreError, SystemClock,
@@ -14,6 +28,119 @@ use crate::{
 };
 
 const ITEMS: TableDefinition<&str, &[u8]> = TableDefinition::new("items");
+/// Per value segment: (live bytes, total bytes).
+const SEGMENTS: TableDefinition<u32, (u64, u64)> = TableDefinition::new("segments");
+
+/// Encoded values of [`OnlineStore::batch_put`] at least this large go to a segment file.
+pub const SEPARATE_FROM: usize = 1024;
+/// By default, compaction starts once dead bytes in segments exceed both the live bytes and this
+/// (see [`EmbeddedStore::with_compact_over`]).
+pub const COMPACT_OVER: u64 = 64 << 20;
+
+/// First byte of a stored value: the item itself (see [`encode`]).
+const INLINE: u8 = 1;
+/// First byte of a stored value: a [`Pointer`] to the item in a segment.
+const POINTER: u8 = 2;
+
+/// Where an item's encoding lies in a segment file.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Pointer {
+    segment: u32,
+    offset: u64,
+    len: u32,
+}
+
+impl Pointer {
+    fn encode(&self) -> [u8; 17] {
+        let mut b = [0u8; 17];
+        b[0] = POINTER;
+        b[1..5].copy_from_slice(&self.segment.to_le_bytes());
+        b[5..13].copy_from_slice(&self.offset.to_le_bytes());
+        b[13..17].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    /// The pointer a stored value holds (none: the value is inline).
+    fn of(stored: &[u8]) -> Option<Pointer> {
+        if stored.len() != 17 || stored[0] != POINTER {
+            return None;
+        }
+        Some(Pointer {
+            segment: u32::from_le_bytes(stored[1..5].try_into().ok()?),
+            offset: u64::from_le_bytes(stored[5..13].try_into().ok()?),
+            len: u32::from_le_bytes(stored[13..17].try_into().ok()?),
+        })
+    }
+}
+
+/// The segment files of a store.
+#[derive(Debug)]
+struct Segments {
+    dir: PathBuf,
+    /// Open files by segment. Readers hold `guard` (shared) while they resolve pointers; a
+    /// segment's file is only deleted under it exclusively, after the commit that left no
+    /// pointer to it, so no reader can still be about to read it.
+    files: Mutex<HashMap<u32, Arc<File>>>,
+    guard: RwLock<()>,
+    next: AtomicU32,
+}
+
+fn segment_name(id: u32) -> String {
+    format!("{id:010}.seg")
+}
+
+impl Segments {
+    fn path(&self, id: u32) -> PathBuf {
+        self.dir.join(segment_name(id))
+    }
+
+    fn file(&self, id: u32) -> std::io::Result<Arc<File>> {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = files.get(&id) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(File::open(self.path(id))?);
+        files.insert(id, f.clone());
+        Ok(f)
+    }
+
+    fn read(&self, p: Pointer) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; p.len as usize];
+        self.file(p.segment)?.read_exact_at(&mut buf, p.offset)?;
+        Ok(buf)
+    }
+
+    /// Writes `data` as a new segment, synced (with its directory entry) before returning.
+    fn create(&self, data: &[u8]) -> std::io::Result<u32> {
+        use std::io::Write;
+        let id = self.next.fetch_add(1, Ordering::SeqCst);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(self.path(id))?;
+        f.write_all(data)?;
+        f.sync_data()?;
+        File::open(&self.dir)?.sync_all()?;
+        Ok(id)
+    }
+
+    /// Deletes the files of `dead` segments (their records are already gone).
+    fn delete(&self, dead: &[u32]) -> std::io::Result<()> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let _exclusive = self.guard.write().unwrap_or_else(|e| e.into_inner());
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        for id in dead {
+            files.remove(id);
+            match std::fs::remove_file(self.path(*id)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
 
 /// The embedded store.
 #[derive(Clone)]
@@ -21,6 +148,8 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
     clock: Arc<dyn Clock>,
+    segments: Arc<Segments>,
+    compact_over: u64,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -37,7 +166,13 @@ fn composite(key: &ItemKey) -> String {
 
 fn encode(item: &Item) -> Vec<u8> {
     let mut v = Vec::with_capacity(item.data.len() + 80);
-    v.push(1u8); // format version
+    encode_into(&mut v, item);
+    v
+}
+
+/// Appends the item's encoding: the format version ([`INLINE`]), the guard, the expiry, the data.
+fn encode_into(v: &mut Vec<u8>, item: &Item) {
+    v.push(INLINE);
     match &item.guard {
         Some(g) => {
             v.push(1);
@@ -53,7 +188,6 @@ fn encode(item: &Item) -> Vec<u8> {
         None => v.push(0),
     }
     v.extend_from_slice(&item.data);
-    v
 }
 
 struct Stored {
@@ -76,7 +210,7 @@ fn decode(key: &str, bytes: &[u8]) -> Result<Stored, StoreError> {
         *b = t;
         Ok(h.to_vec())
     };
-    if take(&mut b, 1)?[0] != 1 {
+    if take(&mut b, 1)?[0] != INLINE {
         return Err(corrupt("unknown format version"));
     }
     let guard = match take(&mut b, 1)?[0] {
@@ -99,6 +233,58 @@ fn decode(key: &str, bytes: &[u8]) -> Result<Stored, StoreError> {
         expires_at,
         data: b.to_vec(),
     })
+}
+
+/// Opens the segment directory of the store at `path` (`<path>.values`), deleting the files no
+/// record refers to: a segment written by a write that crashed before its commit, or one whose
+/// last pointer went away just before a crash.
+fn open_segments(path: &Path, records: &BTreeMap<u32, (u64, u64)>) -> std::io::Result<Segments> {
+    let dir = PathBuf::from(format!("{}.values", path.display()));
+    std::fs::create_dir_all(&dir)?;
+    let mut next = records.keys().next_back().map_or(0, |id| id + 1);
+    for entry in std::fs::read_dir(&dir)? {
+        let name = entry?.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".seg"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        next = next.max(id + 1);
+        if !records.contains_key(&id) {
+            tracing::info!(file = %dir.join(&name).display(), "Deleting a value segment no record refers to.");
+            std::fs::remove_file(dir.join(&name))?;
+        }
+    }
+    Ok(Segments {
+        dir,
+        files: Mutex::new(HashMap::new()),
+        guard: RwLock::new(()),
+        next: AtomicU32::new(next),
+    })
+}
+
+/// Counts a replaced or removed stored value's bytes as dead in its segment (if it was a
+/// pointer). A segment left without live bytes loses its record and is pushed to `dead`, for its
+/// file to be deleted after the commit.
+fn release(
+    segments: &mut Table<u32, (u64, u64)>,
+    old: Option<Pointer>,
+    dead: &mut Vec<u32>,
+) -> Result<(), redb::Error> {
+    let Some(p) = old else { return Ok(()) };
+    let record = segments.get(p.segment)?.map(|g| g.value());
+    if let Some((live, total)) = record {
+        let live = live.saturating_sub(u64::from(p.len));
+        if live == 0 {
+            segments.remove(p.segment)?;
+            dead.push(p.segment);
+        } else {
+            segments.insert(p.segment, (live, total))?;
+        }
+    }
+    Ok(())
 }
 
 impl EmbeddedStore {
@@ -126,22 +312,46 @@ impl EmbeddedStore {
             })?;
         }
         let db = Database::create(&path).map_err(|e| err(e.into()))?;
-        // Create the table once (a write transaction is a disk sync; reopening needs none).
-        let exists = db
-            .begin_read()
-            .map_err(|e| err(e.into()))?
-            .open_table(ITEMS)
-            .is_ok();
-        if !exists {
-            let txn = db.begin_write().map_err(|e| err(e.into()))?;
-            txn.open_table(ITEMS).map_err(|e| err(e.into()))?;
-            txn.commit().map_err(|e| err(e.into()))?;
-        }
+        // Create the tables once (a write transaction is a disk sync; reopening needs none).
+        let records: BTreeMap<u32, (u64, u64)> = {
+            let txn = db.begin_read().map_err(|e| err(e.into()))?;
+            match (txn.open_table(ITEMS), txn.open_table(SEGMENTS)) {
+                (Ok(_), Ok(segments)) => segments
+                    .iter()
+                    .map_err(|e| err(e.into()))?
+                    .map(|r| r.map(|(k, v)| (k.value(), v.value())))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| err(e.into()))?,
+                _ => {
+                    drop(txn);
+                    let txn = db.begin_write().map_err(|e| err(e.into()))?;
+                    txn.open_table(ITEMS).map_err(|e| err(e.into()))?;
+                    txn.open_table(SEGMENTS).map_err(|e| err(e.into()))?;
+                    txn.commit().map_err(|e| err(e.into()))?;
+                    BTreeMap::new()
+                }
+            }
+        };
+        let segments = open_segments(&path, &records).map_err(|e| err(redb::Error::Io(e)))?;
         Ok(EmbeddedStore {
             db: Arc::new(db),
             path,
             clock,
+            segments: Arc::new(segments),
+            compact_over: COMPACT_OVER,
         })
+    }
+
+    /// Sets the dead bytes above which (and above the live bytes) segments less than half live
+    /// are compacted; [`COMPACT_OVER`] by default.
+    pub fn with_compact_over(mut self, bytes: u64) -> Self {
+        self.compact_over = bytes;
+        self
+    }
+
+    /// The directory of the store's value segments.
+    pub fn values_dir(&self) -> &Path {
+        &self.segments.dir
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> StoreError {
@@ -149,6 +359,104 @@ impl EmbeddedStore {
             path: self.path.display().to_string(),
             source: e.into(),
         }
+    }
+
+    /// The item encoding a stored value holds: itself, or what its pointer points to.
+    fn load<'v>(&self, stored: &'v [u8]) -> Result<Cow<'v, [u8]>, StoreError> {
+        match Pointer::of(stored) {
+            None => Ok(Cow::Borrowed(stored)),
+            Some(p) => self
+                .segments
+                .read(p)
+                .map(Cow::Owned)
+                .map_err(|e| StoreError::Embedded {
+                    path: self.segments.path(p.segment).display().to_string(),
+                    source: redb::Error::Io(e),
+                }),
+        }
+    }
+
+    /// Deletes the files of segments a committed write left without live bytes. A failure only
+    /// leaves a file for the next open to delete.
+    fn delete_segments(&self, dead: &[u32]) {
+        if let Err(e) = self.segments.delete(dead) {
+            tracing::warn!(dir = %self.segments.dir.display(), error = %e, "A dead value segment could not be deleted; the next open deletes it.");
+        }
+    }
+
+    /// Compacts the segments less than half live into one new segment when the dead bytes of
+    /// all segments exceed both their live bytes and `compact_over`, in one write transaction
+    /// (the old files are deleted after its commit).
+    fn compact_if_needed(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let sparse: Vec<u32> = {
+            let segments = txn.open_table(SEGMENTS).map_err(|e| self.err(e))?;
+            let (mut live, mut total, mut sparse) = (0u64, 0u64, Vec::new());
+            for r in segments.iter().map_err(|e| self.err(e))? {
+                let (id, v) = r.map_err(|e| self.err(e))?;
+                let (l, t) = v.value();
+                live += l;
+                total += t;
+                if l * 2 < t {
+                    sparse.push(id.value());
+                }
+            }
+            let dead = total - live.min(total);
+            if dead <= live.max(self.compact_over) {
+                Vec::new()
+            } else {
+                sparse
+            }
+        };
+        if sparse.is_empty() {
+            txn.abort().map_err(|e| self.err(e))?;
+            return Ok(());
+        }
+        self.compact(txn, &sparse)
+    }
+
+    fn compact(&self, txn: WriteTransaction, sparse: &[u32]) -> Result<(), StoreError> {
+        {
+            let mut items = txn.open_table(ITEMS).map_err(|e| self.err(e))?;
+            let mut segments = txn.open_table(SEGMENTS).map_err(|e| self.err(e))?;
+            let mut moved: Vec<(String, Pointer)> = Vec::new();
+            for r in items.iter().map_err(|e| self.err(e))? {
+                let (k, v) = r.map_err(|e| self.err(e))?;
+                if let Some(p) = Pointer::of(v.value())
+                    && sparse.contains(&p.segment)
+                {
+                    moved.push((k.value().to_string(), p));
+                }
+            }
+            let mut data = Vec::new();
+            let mut offsets = Vec::with_capacity(moved.len());
+            for (_, p) in &moved {
+                offsets.push(data.len() as u64);
+                data.extend_from_slice(&self.load(&p.encode())?);
+            }
+            if !data.is_empty() {
+                let id = self.segments.create(&data).map_err(|e| self.err(e))?;
+                let size = data.len() as u64;
+                segments.insert(id, (size, size)).map_err(|e| self.err(e))?;
+                for ((key, p), offset) in moved.iter().zip(offsets) {
+                    let to = Pointer {
+                        segment: id,
+                        offset,
+                        len: p.len,
+                    };
+                    items
+                        .insert(key.as_str(), to.encode().as_slice())
+                        .map_err(|e| self.err(e))?;
+                }
+            }
+            for id in sparse {
+                segments.remove(*id).map_err(|e| self.err(e))?;
+            }
+            tracing::debug!(path = %self.path.display(), segments = sparse.len(), items = moved.len(), bytes = data.len(), "Compacted value segments.");
+        }
+        txn.commit().map_err(|e| self.err(e))?;
+        self.delete_segments(sparse);
+        Ok(())
     }
 
     async fn blocking<T: Send + 'static>(
@@ -171,7 +479,7 @@ impl EmbeddedStore {
         let Some(v) = table.get(k.as_str()).map_err(|e| self.err(e))? else {
             return Ok(None);
         };
-        let s = decode(&k, v.value())?;
+        let s = decode(&k, &self.load(v.value())?)?;
         if is_expired(s.expires_at, now) {
             return Ok(None);
         }
@@ -202,6 +510,7 @@ impl OnlineStore for EmbeddedStore {
         let keys = keys.to_vec();
         self.blocking(move |s| {
             let now = s.clock.now_ms();
+            let _reading = s.segments.guard.read().unwrap_or_else(|e| e.into_inner());
             let txn = s.db.begin_read().map_err(|e| s.err(e))?;
             let table = txn.open_table(ITEMS).map_err(|e| s.err(e))?;
             keys.iter().map(|k| s.read_live(&table, k, now)).collect()
@@ -217,6 +526,7 @@ impl OnlineStore for EmbeddedStore {
         );
         self.blocking(move |s| {
             let now = s.clock.now_ms();
+            let _reading = s.segments.guard.read().unwrap_or_else(|e| e.into_inner());
             let txn = s.db.begin_read().map_err(|e| s.err(e))?;
             let table = txn.open_table(ITEMS).map_err(|e| s.err(e))?;
             let mut out = Vec::new();
@@ -229,7 +539,7 @@ impl OnlineStore for EmbeddedStore {
             {
                 let (k, v) = entry.map_err(|e| s.err(e))?;
                 let key = k.value();
-                let st = decode(key, v.value())?;
+                let st = decode(key, &s.load(v.value())?)?;
                 if is_expired(st.expires_at, now) {
                     continue;
                 }
@@ -277,8 +587,10 @@ impl OnlineStore for EmbeddedStore {
             .blocking(move |s| {
                 let now = s.clock.now_ms();
                 let txn = s.db.begin_write().map_err(|e| s.err(e))?;
+                let mut dead = Vec::new();
                 {
                     let mut table = txn.open_table(ITEMS).map_err(|e| s.err(e))?;
+                    let mut segments = txn.open_table(SEGMENTS).map_err(|e| s.err(e))?;
                     for (item, check) in owned.iter().zip(checked.iter_mut()) {
                         if check.is_err() {
                             continue;
@@ -303,12 +615,15 @@ impl OnlineStore for EmbeddedStore {
                             });
                             continue;
                         }
-                        table
+                        let old = table
                             .insert(composite(&item.key).as_str(), encode(item).as_slice())
-                            .map_err(|e| s.err(e))?;
+                            .map_err(|e| s.err(e))?
+                            .and_then(|g| Pointer::of(g.value()));
+                        release(&mut segments, old, &mut dead).map_err(|e| s.err(e))?;
                     }
                 }
                 txn.commit().map_err(|e| s.err(e))?;
+                s.delete_segments(&dead);
                 Ok(checked)
             })
             .await;
@@ -328,21 +643,64 @@ impl OnlineStore for EmbeddedStore {
             validate_item(i)?;
         }
         // Encoded here: one copy of each item for the write thread, not a clone and an encoding.
-        let encoded: Vec<(String, Vec<u8>)> = items
+        // Large ones go to one buffer, the new segment's content (see the module's docs).
+        let mut segment = Vec::new();
+        let encoded: Vec<(String, Result<Pointer, Vec<u8>>)> = items
             .iter()
-            .map(|i| (composite(&i.key), encode(i)))
+            .map(|i| {
+                let start = segment.len();
+                encode_into(&mut segment, i);
+                let len = segment.len() - start;
+                let value = match u32::try_from(len) {
+                    Ok(len) if len as usize >= SEPARATE_FROM => Ok(Pointer {
+                        segment: 0, // set once the segment is written
+                        offset: start as u64,
+                        len,
+                    }),
+                    _ => Err(segment.split_off(start)),
+                };
+                (composite(&i.key), value)
+            })
             .collect();
         self.blocking(move |s| {
+            let id = match segment.is_empty() {
+                true => None,
+                false => Some(s.segments.create(&segment).map_err(|e| s.err(e))?),
+            };
             let txn = s.db.begin_write().map_err(|e| s.err(e))?;
+            let mut dead = Vec::new();
             {
                 let mut table = txn.open_table(ITEMS).map_err(|e| s.err(e))?;
+                let mut segments = txn.open_table(SEGMENTS).map_err(|e| s.err(e))?;
+                if let Some(id) = id {
+                    let size = segment.len() as u64;
+                    segments.insert(id, (size, size)).map_err(|e| s.err(e))?;
+                }
                 for (key, value) in &encoded {
-                    table
-                        .insert(key.as_str(), value.as_slice())
-                        .map_err(|e| s.err(e))?;
+                    let pointer;
+                    let stored: &[u8] = match value {
+                        Ok(p) => {
+                            pointer = Pointer {
+                                segment: id.unwrap_or_default(),
+                                ..*p
+                            }
+                            .encode();
+                            &pointer
+                        }
+                        Err(inline) => inline,
+                    };
+                    let old = table
+                        .insert(key.as_str(), stored)
+                        .map_err(|e| s.err(e))?
+                        .and_then(|g| Pointer::of(g.value()));
+                    release(&mut segments, old, &mut dead).map_err(|e| s.err(e))?;
                 }
             }
             txn.commit().map_err(|e| s.err(e))?;
+            s.delete_segments(&dead);
+            if id.is_some() {
+                s.compact_if_needed()?;
+            }
             Ok(BatchStats {
                 items: encoded.len() as u64,
                 requests: 1,
@@ -356,11 +714,18 @@ impl OnlineStore for EmbeddedStore {
         let k = composite(key);
         self.blocking(move |s| {
             let txn = s.db.begin_write().map_err(|e| s.err(e))?;
+            let mut dead = Vec::new();
             {
                 let mut table = txn.open_table(ITEMS).map_err(|e| s.err(e))?;
-                table.remove(k.as_str()).map_err(|e| s.err(e))?;
+                let mut segments = txn.open_table(SEGMENTS).map_err(|e| s.err(e))?;
+                let old = table
+                    .remove(k.as_str())
+                    .map_err(|e| s.err(e))?
+                    .and_then(|g| Pointer::of(g.value()));
+                release(&mut segments, old, &mut dead).map_err(|e| s.err(e))?;
             }
             txn.commit().map_err(|e| s.err(e))?;
+            s.delete_segments(&dead);
             Ok(())
         })
         .await

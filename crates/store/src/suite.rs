@@ -34,6 +34,103 @@ pub async fn run_all(store: Arc<dyn OnlineStore>, clock: &ManualClock, prefix: &
     invalid_input(store.as_ref(), prefix).await;
     leases(store.clone(), clock, prefix).await;
     put_each(store.as_ref(), prefix).await;
+    large_values(store.as_ref(), prefix).await;
+}
+
+/// Bytes of a large test value: `len` bytes, different for each `seed`.
+fn large(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Large values (the batch job's rows, which the embedded store keeps in segment files): written
+/// in bulk beside small ones, read by `get`, `batch_get` and `query`, overwritten in bulk (twice:
+/// idempotent) and singly (large and small), and deleted.
+async fn large_values(s: &dyn OnlineStore, p: &str) {
+    let pk = format!("{p}-large#u1");
+    let exp = Some(BASE_S + 3_600);
+    let mut items: Vec<Item> = (0..10u8)
+        .map(|k| {
+            item(
+                &pk,
+                &format!("row#{k}"),
+                &large(k, 3_000 + k as usize),
+                None,
+                exp,
+            )
+        })
+        .collect();
+    items.push(item(&pk, "row#small", b"small", Some(3), exp));
+    s.batch_put(&items).await.unwrap();
+    let mut want: Vec<(String, Option<Vec<u8>>)> = items
+        .iter()
+        .map(|i| (i.key.sk.clone(), Some(i.data.clone())))
+        .collect();
+    check_large(s, &pk, &want).await;
+    let got = s.get(&items[3].key).await.unwrap().unwrap();
+    assert_eq!((got.guard, got.expires_at), (None, exp));
+    // Half rewritten in bulk, twice (idempotent), one singly large, one singly small, one deleted.
+    let newer: Vec<Item> = items[..5]
+        .iter()
+        .map(|i| Item {
+            data: large(99, 2_500),
+            ..i.clone()
+        })
+        .collect();
+    s.batch_put(&newer).await.unwrap();
+    s.batch_put(&newer).await.unwrap();
+    s.put(
+        &item(&pk, "row#5", &large(7, 5_000), None, None),
+        Condition::Always,
+    )
+    .await
+    .unwrap();
+    s.put(
+        &item(&pk, "row#6", b"small now", None, None),
+        Condition::Always,
+    )
+    .await
+    .unwrap();
+    s.delete(&items[7].key).await.unwrap();
+    for w in want.iter_mut().take(5) {
+        w.1 = Some(large(99, 2_500));
+    }
+    want[5].1 = Some(large(7, 5_000));
+    want[6].1 = Some(b"small now".to_vec());
+    want[7].1 = None;
+    check_large(s, &pk, &want).await;
+}
+
+/// Checks that `get`, `batch_get` and `query` in partition `pk` find the data of `want` (none:
+/// absent).
+async fn check_large(s: &dyn OnlineStore, pk: &str, want: &[(String, Option<Vec<u8>>)]) {
+    for (sk, data) in want {
+        let got = s.get(&ItemKey::new(pk, sk)).await.unwrap();
+        assert_eq!(got.map(|i| i.data), *data, "get {sk}");
+    }
+    let keys: Vec<ItemKey> = want.iter().map(|(sk, _)| ItemKey::new(pk, sk)).collect();
+    let got: Vec<Option<Vec<u8>>> = s
+        .batch_get(&keys)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.map(|i| i.data))
+        .collect();
+    assert_eq!(got, want.iter().map(|w| w.1.clone()).collect::<Vec<_>>());
+    let queried: Vec<(String, Vec<u8>)> = s
+        .query(pk, "row#", "row$")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.key.sk, i.data))
+        .collect();
+    let mut present: Vec<(String, Vec<u8>)> = want
+        .iter()
+        .filter_map(|(sk, d)| Some((sk.clone(), d.clone()?)))
+        .collect();
+    present.sort();
+    assert_eq!(queried, present);
 }
 
 /// `put_each`: every item's condition on its own, one result per item, in order.

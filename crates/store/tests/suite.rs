@@ -75,3 +75,105 @@ async fn a_dead_service_is_a_clear_error() {
     let e = store.healthcheck().await.unwrap_err().to_string();
     assert!(e.contains("DescribeTable on table `t` failed"), "{e}");
 }
+
+/// The `.seg` files of an embedded store's value segments.
+fn segment_files(store: &EmbeddedStore) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(store.values_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".seg"))
+        .collect();
+    names.sort();
+    names
+}
+
+fn row(sk: &str, seed: u8) -> lambda_store::Item {
+    lambda_store::Item {
+        key: lambda_store::ItemKey::new("batch#v", sk),
+        data: (0..2_000).map(|i| (i as u8).wrapping_add(seed)).collect(),
+        guard: None,
+        expires_at: None,
+    }
+}
+
+async fn data_of(store: &EmbeddedStore, sk: &str) -> Option<Vec<u8>> {
+    let key = lambda_store::ItemKey::new("batch#v", sk);
+    store.get(&key).await.unwrap().map(|i| i.data)
+}
+
+#[tokio::test]
+async fn embedded_segments_die_with_their_last_row_and_orphans_go_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("online.redb");
+    let store = EmbeddedStore::open(&path).unwrap();
+    let rows: Vec<_> = (0..10).map(|k| row(&format!("e{k}"), 1)).collect();
+    store.batch_put(&rows).await.unwrap();
+    assert_eq!(segment_files(&store).len(), 1);
+    // Every row rewritten: the first segment has no live row left, so it is deleted.
+    let newer: Vec<_> = (0..10).map(|k| row(&format!("e{k}"), 2)).collect();
+    store.batch_put(&newer).await.unwrap();
+    let files = segment_files(&store);
+    assert_eq!(files.len(), 1, "{files:?}");
+    // Removing the last rows one way or another kills the segment too.
+    for r in &newer[..5] {
+        store.delete(&r.key).await.unwrap();
+    }
+    let small = |sk: &str| lambda_store::Item {
+        data: b"small".to_vec(),
+        ..row(sk, 0)
+    };
+    let smalls: Vec<_> = (5..10).map(|k| small(&format!("e{k}"))).collect();
+    store
+        .put_each(&smalls, lambda_store::Condition::Always)
+        .await
+        .into_iter()
+        .for_each(|r| r.unwrap());
+    assert!(segment_files(&store).is_empty());
+    store.batch_put(&rows).await.unwrap();
+    drop(store);
+    // A segment a crashed write left behind (no record refers to it) is deleted at open, and
+    // new segments are numbered after it.
+    let orphan = dir.path().join("online.redb.values/0000000099.seg");
+    std::fs::write(&orphan, b"half a segment").unwrap();
+    let store = EmbeddedStore::open(&path).unwrap();
+    assert!(!orphan.exists());
+    for r in &rows {
+        assert_eq!(data_of(&store, &r.key.sk).await, Some(r.data.clone()));
+    }
+    store.batch_put(&newer[..1]).await.unwrap();
+    assert!(
+        segment_files(&store).contains(&"0000000100.seg".to_string()),
+        "{:?}",
+        segment_files(&store)
+    );
+}
+
+#[tokio::test]
+async fn embedded_compaction_moves_the_live_rows_of_sparse_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path().join("online.redb"))
+        .unwrap()
+        .with_compact_over(0);
+    // Each batch rewrites nine shared rows and adds one of its own: older segments keep one live
+    // row in ten, until dead bytes outweigh live ones and they are compacted.
+    let mut latest = std::collections::BTreeMap::new();
+    for b in 0..6u8 {
+        let mut batch: Vec<_> = (0..9).map(|k| row(&format!("shared{k}"), b)).collect();
+        batch.push(row(&format!("own{b}"), 100 + b));
+        store.batch_put(&batch).await.unwrap();
+        for r in &batch {
+            latest.insert(r.key.sk.clone(), r.data.clone());
+        }
+        for (sk, data) in &latest {
+            assert_eq!(
+                data_of(&store, sk).await.as_ref(),
+                Some(data),
+                "{sk} after batch {b}"
+            );
+        }
+    }
+    // Without compaction each of the six segments would still hold a live row. With it, twice
+    // (after batches 2 and 4) the sparse ones were merged: four files are left.
+    let files = segment_files(&store);
+    assert!(files.len() <= 4, "{files:?}");
+}
