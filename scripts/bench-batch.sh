@@ -29,11 +29,14 @@ echo "== lambda-batch, full run (cutoff 2025-12-31)"; run full --full --cutoff 2
 # The next night: the day 2025-12-31 is new, the 89 days before it are stored partials. Run three
 # times from the same state (the full run's offline and online stores, restored each time: a
 # rerun of a committed night has almost nothing to do) to show the spread on a shared machine.
+# The embedded store is the redb file and its value segments (`online.redb.values/`).
 cp -r "$work/offline" "$work/offline.full"; cp "$work/online.redb" "$work/online.full"
+cp -r "$work/online.redb.values" "$work/online.full.values"
 # Copies are flushed before each night, so the night does not pay for writing the copy to disk.
 for i in 1 2 3; do
-  rm -rf "$work/offline" "$work/online.redb"
-  cp -r "$work/offline.full" "$work/offline"; cp "$work/online.full" "$work/online.redb"; sync
+  rm -rf "$work/offline" "$work/online.redb" "$work/online.redb.values"
+  cp -r "$work/offline.full" "$work/offline"; cp "$work/online.full" "$work/online.redb"
+  cp -r "$work/online.full.values" "$work/online.redb.values"; sync
   echo "== lambda-batch, incremental night $i (cutoff 2026-01-01)"; run night --cutoff 2026-01-01
 done
 venv=${LAMBDA_EMU_HOME:-$HOME/.cache/lambda-emulators}/venv

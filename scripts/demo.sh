@@ -30,7 +30,7 @@ head -n 8 "$dir/fraud_user.sql"
 echo "  … ($(wc -l < "$dir/fraud_user.sql") lines in $dir/fraud_user.sql)"
 
 step "4. The nightly batch job up to 2025-12-31 (embedded default: local Parquet in, redb online store out)"
-rm -rf "$dir/offline" "$dir/online.redb"
+rm -rf "$dir/offline" "$dir/online.redb" "$dir/online.redb.values"
 "$bin/lambda-batch" run --view examples/fraud/features.toml --history "$dir/history" \
   --offline "$dir/offline" --store "$dir/online.redb" --cutoff 2025-12-31 --row-ttl-days 3650
 echo "offline store:"; find "$dir/offline" -name '*.parquet' | sed 's|/part-0.parquet||' | sort | tail -3

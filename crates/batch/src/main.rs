@@ -124,7 +124,8 @@ struct RunArgs {
     /// `s3://bucket/prefix`.
     #[arg(long, default_value = "data/offline")]
     offline: String,
-    /// The online store: a redb file path (embedded default) or `dynamodb://TABLE`.
+    /// The online store: a redb file path (embedded default; its batch rows live in the
+    /// directory `<path>.values` beside it) or `dynamodb://TABLE`.
     #[arg(long, default_value = "data/online.redb")]
     store: String,
     /// AWS region for `dynamodb://` stores.

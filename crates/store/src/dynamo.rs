@@ -4,7 +4,8 @@
 //! * `batch_put` sends `BatchWriteItem` requests of 25 items, up to `concurrency` at once, and
 //!   retries unprocessed items with exponential backoff and full jitter, so a throttled table slows
 //!   the writer down instead of failing it (up to `max_backoff_attempts`).
-//! * `batch_get` sends `BatchGetItem` requests of 100 keys and retries unprocessed keys likewise.
+//! * `batch_get` sends `BatchGetItem` requests of 100 keys, up to `concurrency` at once, and
+//!   retries unprocessed keys likewise.
 //! * The SDK's own standard retry mode (with `max_attempts`) handles throttled single requests.
 
 use std::collections::HashMap;
@@ -56,7 +57,7 @@ pub struct DynamoConfig {
     pub endpoint: Option<String>,
     /// Static credentials (emulators); `None` uses the standard provider chain.
     pub static_credentials: Option<(String, String)>,
-    /// Concurrent `BatchWriteItem` requests.
+    /// Concurrent `BatchWriteItem` (and `BatchGetItem`) requests.
     pub concurrency: usize,
     /// Attempts for the SDK's standard retry mode (throttling, 5xx).
     pub max_attempts: u32,
@@ -333,6 +334,58 @@ impl DynamoStore {
         &self.client
     }
 
+    /// One `BatchGetItem` of at most 100 keys, retrying unprocessed keys with backoff.
+    async fn get_chunk(
+        &self,
+        keys: Vec<HashMap<String, AttributeValue>>,
+    ) -> Result<Vec<Item>, StoreError> {
+        let mut found = Vec::with_capacity(keys.len());
+        let mut pending = keys;
+        let mut attempt = 0;
+        while !pending.is_empty() {
+            let ka = KeysAndAttributes::builder()
+                .set_keys(Some(pending))
+                .build()
+                .map_err(|e| StoreError::Internal(e.to_string()))?;
+            let out = self
+                .client
+                .batch_get_item()
+                .request_items(&self.cfg.table, ka)
+                .send()
+                .await
+                .map_err(|e| dynamo_err("BatchGetItem", &self.cfg.table, e))?;
+            for m in out
+                .responses()
+                .and_then(|r| r.get(&self.cfg.table))
+                .into_iter()
+                .flatten()
+            {
+                found.push(from_map(m)?);
+            }
+            pending = out
+                .unprocessed_keys()
+                .and_then(|u| u.get(&self.cfg.table))
+                .map(|k| k.keys().to_vec())
+                .unwrap_or_default();
+            if !pending.is_empty() {
+                if attempt >= self.cfg.max_backoff_attempts {
+                    return Err(StoreError::Dynamo {
+                        operation: "BatchGetItem",
+                        table: self.cfg.table.clone(),
+                        message: format!(
+                            "{} keys still unprocessed after {attempt} retries",
+                            pending.len()
+                        ),
+                        throttled: true,
+                    });
+                }
+                tokio::time::sleep(backoff(self.cfg.base_backoff, attempt)).await;
+                attempt += 1;
+            }
+        }
+        Ok(found)
+    }
+
     async fn write_chunk(&self, chunk: Vec<Item>) -> Result<BatchStats, StoreError> {
         let mut pending: Vec<WriteRequest> = Vec::with_capacity(chunk.len());
         for i in &chunk {
@@ -429,52 +482,24 @@ impl OnlineStore for DynamoStore {
         let mut unique: Vec<&ItemKey> = keys.iter().collect();
         unique.sort();
         unique.dedup();
-        for chunk in unique.chunks(100) {
-            let mut pending: Vec<HashMap<String, AttributeValue>> =
-                chunk.iter().map(|k| key_map(k)).collect();
-            let mut attempt = 0;
-            while !pending.is_empty() {
-                let ka = KeysAndAttributes::builder()
-                    .set_keys(Some(pending.clone()))
-                    .build()
-                    .map_err(|e| StoreError::Internal(e.to_string()))?;
-                let out = self
-                    .client
-                    .batch_get_item()
-                    .request_items(&self.cfg.table, ka)
-                    .send()
-                    .await
-                    .map_err(|e| dynamo_err("BatchGetItem", &self.cfg.table, e))?;
-                for m in out
-                    .responses()
-                    .and_then(|r| r.get(&self.cfg.table))
-                    .into_iter()
-                    .flatten()
-                {
-                    let item = from_map(m)?;
-                    found.insert(item.key.clone(), item);
-                }
-                pending = out
-                    .unprocessed_keys()
-                    .and_then(|u| u.get(&self.cfg.table))
-                    .map(|k| k.keys().to_vec())
-                    .unwrap_or_default();
-                if !pending.is_empty() {
-                    if attempt >= self.cfg.max_backoff_attempts {
-                        return Err(StoreError::Dynamo {
-                            operation: "BatchGetItem",
-                            table: self.cfg.table.clone(),
-                            message: format!(
-                                "{} keys still unprocessed after {attempt} retries",
-                                pending.len()
-                            ),
-                            throttled: true,
-                        });
-                    }
-                    tokio::time::sleep(backoff(self.cfg.base_backoff, attempt)).await;
-                    attempt += 1;
-                }
+        // Requests of 100 keys, up to `concurrency` at once (the batch job reads a night's
+        // previous rows this way: tens of thousands of keys).
+        let mut set = JoinSet::new();
+        let mut chunks = unique
+            .chunks(100)
+            .map(|c| c.iter().map(|k| key_map(k)).collect::<Vec<_>>());
+        loop {
+            while set.len() < self.cfg.concurrency.max(1) {
+                let Some(chunk) = chunks.next() else { break };
+                let this = self.clone();
+                set.spawn(async move { this.get_chunk(chunk).await });
             }
+            let Some(done) = set.join_next().await else {
+                break;
+            };
+            let items =
+                done.map_err(|e| StoreError::Internal(format!("batch get task failed: {e}")))??;
+            found.extend(items.into_iter().map(|i| (i.key.clone(), i)));
         }
         let now = self.clock.now_ms();
         Ok(keys

@@ -269,7 +269,8 @@ pub trait OnlineStore: Send + Sync + fmt::Debug {
 
 /// Opens the online store named by `text`: `dynamodb://TABLE` (checked reachable with
 /// `DescribeTable`; `region`, optional `endpoint` for emulators) or a redb file path (the
-/// embedded default). The binaries' `--store` and `--leases` flags go through here.
+/// embedded default; its large values live in the directory `<path>.values` beside it). The
+/// binaries' `--store` and `--leases` flags go through here.
 pub async fn open(
     text: &str,
     region: &str,

@@ -409,7 +409,8 @@ async fn query_ranges(s: &dyn OnlineStore, p: &str) {
 }
 
 async fn batches(s: &dyn OnlineStore, p: &str) {
-    let items: Vec<Item> = (0..60)
+    // More than one request's worth (DynamoDB: 25 items per write, 100 keys per read).
+    let items: Vec<Item> = (0..250)
         .map(|i| {
             item(
                 &format!("{p}-b#u{i}"),
@@ -421,19 +422,19 @@ async fn batches(s: &dyn OnlineStore, p: &str) {
         })
         .collect();
     let stats = s.batch_put(&items).await.unwrap();
-    assert_eq!(stats.items, 60);
+    assert_eq!(stats.items, 250);
     // Idempotent: the same upload again changes nothing.
     s.batch_put(&items).await.unwrap();
     let mut keys: Vec<ItemKey> = items.iter().map(|i| i.key.clone()).collect();
     keys.push(ItemKey::new(format!("{p}-b#missing"), "batch"));
     keys.push(keys[3].clone());
     let got = s.batch_get(&keys).await.unwrap();
-    assert_eq!(got.len(), 62);
-    for (i, g) in got.iter().take(60).enumerate() {
+    assert_eq!(got.len(), 252);
+    for (i, g) in got.iter().take(250).enumerate() {
         assert_eq!(g.as_ref().unwrap().data, format!("v{i}").as_bytes());
     }
-    assert_eq!(got[60], None);
-    assert_eq!(got[61].as_ref().unwrap().data, b"v3");
+    assert_eq!(got[250], None);
+    assert_eq!(got[251].as_ref().unwrap().data, b"v3");
     // The same key twice in one batch: the last one wins.
     let dup = vec![
         item(&format!("{p}-b#d"), "batch", b"1", None, None),
