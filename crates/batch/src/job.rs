@@ -818,8 +818,11 @@ async fn compute_day(
 
 /// What [`build_and_upload`] made.
 struct Built {
-    /// Every entity's features at the cutoff, by entity.
+    /// Every entity's features at the cutoff, by entity, when the features file is not
+    /// encoded as they are built (with hand-written SQL, or on a rerun of the committed night).
     feature_rows: Vec<(String, Vec<Value>)>,
+    /// Rows of the features file.
+    features_written: usize,
     /// The full rows of compacted ones (for the offline store).
     full_rows: Vec<(String, Vec<u8>)>,
     /// Batch rows uploaded, and their bytes.
@@ -855,9 +858,16 @@ fn build_and_upload(
 ) -> Result<Built, BatchError> {
     let view = builder.view;
     let (total, started) = (how.total, how.started);
-    let mut feature_rows: Vec<(String, Vec<Value>)> = Vec::with_capacity(work.len());
+    let mut feature_rows: Vec<(String, Vec<Value>)> = Vec::new();
+    // The features file is encoded as the features come (the work is in entity order), unless
+    // hand-written SQL replaces them or the committed night's features are merged in.
+    let mut streamed = match (&view.batch.sql, how.previous_features.is_empty()) {
+        (None, true) => Some(FeaturesWriter::new(view, how.features_url)?),
+        _ => None,
+    };
+    let mut stream_error = None;
     let mut full_rows: Vec<(String, Vec<u8>)> = Vec::new();
-    let (mut written, mut row_bytes) = (0usize, 0u64);
+    let (mut written, mut row_bytes, mut features_written) = (0usize, 0u64, 0usize);
     let handle = tokio::runtime::Handle::current();
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Item>>(1);
     let (ack_tx, ack_rx) = std::sync::mpsc::channel::<usize>();
@@ -898,7 +908,16 @@ fn build_and_upload(
                     pending.push(item);
                     written += 1;
                 }
-                feature_rows.push(f);
+                features_written += 1;
+                match streamed.as_mut() {
+                    Some(w) => {
+                        if let Err(e) = w.push(&f.0, &f.1) {
+                            stream_error = Some(e);
+                            return false;
+                        }
+                    }
+                    None => feature_rows.push(f),
+                }
             }
             if pending.len() >= 5_000 && tx.send(std::mem::take(&mut pending)).is_err() {
                 return false; // the uploader failed: its error is returned below
@@ -911,8 +930,12 @@ fn build_and_upload(
         }
         drop(tx);
         tracing::debug!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Rows and features built.");
-        // The features file is encoded here while the last rows upload (with hand-written SQL,
-        // after its query).
+        // The features file is finished here while the last rows upload (a rerun's merged with
+        // the committed night's; with hand-written SQL, encoded after its query).
+        let built_ok = match stream_error.take() {
+            Some(e) => Err(e),
+            None => built_ok,
+        };
         if !how.previous_features.is_empty() {
             let fresh: BTreeSet<String> = feature_rows.iter().map(|r| r.0.clone()).collect();
             feature_rows.extend(
@@ -920,10 +943,12 @@ fn build_and_upload(
                     .into_iter()
                     .filter(|(e, _)| !fresh.contains(e)),
             );
+            features_written = feature_rows.len();
         }
         feature_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let encoded = match (&built_ok, &view.batch.sql) {
-            (Ok(()), None) => Some(encode_features(view, how.features_url, &feature_rows)),
+        let encoded = match (&built_ok, &view.batch.sql, streamed.take()) {
+            (Ok(()), None, Some(w)) => Some(w.finish()),
+            (Ok(()), None, None) => Some(encode_features(view, how.features_url, &feature_rows)),
             _ => None,
         };
         tracing::debug!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Features encoded.");
@@ -938,6 +963,7 @@ fn build_and_upload(
     })?;
     Ok(Built {
         feature_rows,
+        features_written,
         full_rows,
         written,
         row_bytes,
@@ -1176,14 +1202,15 @@ pub async fn run(
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
-    // One list of work: the changed entities (a row to write) and the leaving ones (features from
-    // their kept rows; on a rebuild they have no data inside any window any more, and an empty
-    // row records it).
-    let work: Vec<(&str, Option<&[PartialBlob]>)> = changed_rows
+    // One list of work in entity order (the features file is written as it is built): the
+    // changed entities (a row to write) and the leaving ones (features from their kept rows; on a
+    // rebuild they have no data inside any window any more, and an empty row records it).
+    let mut work: Vec<(&str, Option<&[PartialBlob]>)> = changed_rows
         .iter()
         .map(|(e, p)| (e.as_str(), Some(p.as_slice())))
         .chain(only_leaving.iter().map(|e| (e.as_str(), None)))
         .collect();
+    work.sort_by(|a, b| a.0.cmp(b.0));
     let is_rebuild = rebuild.is_some();
     let builder = RowBuild {
         view,
@@ -1212,6 +1239,7 @@ pub async fn run(
     };
     let Built {
         mut feature_rows,
+        features_written,
         full_rows,
         written,
         row_bytes,
@@ -1232,9 +1260,9 @@ pub async fn run(
     summary.row_bytes = row_bytes;
     summary.compacted = full_rows.len();
     summary.entities = written;
-    summary.features_written = feature_rows.len();
+    summary.features_written = features_written;
     summary.rebuild = rebuild.clone();
-    tracing::info!(view = %view.name, rows = written, features = feature_rows.len(), elapsed_s = started.elapsed().as_secs_f64(), "Batch rows built and uploaded.");
+    tracing::info!(view = %view.name, rows = written, features = features_written, elapsed_s = started.elapsed().as_secs_f64(), "Batch rows built and uploaded.");
     if let Some(file) = &view.batch.sql {
         let hand = hand_written_features(&ctx, opts, file).await?;
         let with_data: BTreeSet<&str> = changed_rows.iter().map(|r| r.0.as_str()).collect();
@@ -1816,24 +1844,87 @@ fn encode_features(
     url: &str,
     rows: &[(String, Vec<Value>)],
 ) -> Result<Vec<u8>, BatchError> {
-    let schema = features_schema(view);
-    let mut entities = datafusion::arrow::array::StringBuilder::with_capacity(
-        rows.len(),
-        rows.iter().map(|r| r.0.len()).sum(),
-    );
-    for (e, _) in rows {
-        entities.append_value(e);
+    let mut w = FeaturesWriter::new(view, url)?;
+    for (entity, values) in rows {
+        w.push(entity, values)?;
     }
-    let mut b = lambda_core::decode::BatchBuilder::for_columns(&feature_columns(view));
-    for (_, vals) in rows {
-        b.push(vals);
+    w.finish()
+}
+
+/// Encodes an offline features file as its rows arrive, in entity order, in batches of 8 192
+/// rows (the Parquet writer encodes each batch's pages at once; the file is one row group).
+struct FeaturesWriter<'a> {
+    url: &'a str,
+    schema: SchemaRef,
+    entities: datafusion::arrow::array::StringBuilder,
+    values: lambda_core::decode::BatchBuilder,
+    writer: ArrowWriter<Vec<u8>>,
+    last: Option<String>,
+    rows: usize,
+}
+
+impl<'a> FeaturesWriter<'a> {
+    fn new(view: &FeatureView, url: &'a str) -> Result<Self, BatchError> {
+        let schema = features_schema(view);
+        let writer = ArrowWriter::try_new(Vec::new(), schema.clone(), None)
+            .map_err(|e| Self::error(url, e))?;
+        Ok(FeaturesWriter {
+            url,
+            schema,
+            entities: datafusion::arrow::array::StringBuilder::new(),
+            values: lambda_core::decode::BatchBuilder::for_columns(&feature_columns(view)),
+            writer,
+            last: None,
+            rows: 0,
+        })
     }
-    let values = b.finish().map_err(|e| BatchError::Config(e.to_string()))?;
-    let mut columns: Vec<datafusion::arrow::array::ArrayRef> = vec![Arc::new(entities.finish())];
-    columns.extend(values.columns().iter().cloned());
-    let batch = RecordBatch::try_new(schema.clone(), columns)
-        .map_err(|e| BatchError::Config(e.to_string()))?;
-    parquet_bytes(url, schema, &[batch])
+
+    fn error(url: &str, e: impl std::fmt::Display) -> BatchError {
+        BatchError::Parquet {
+            url: url.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Appends an entity's features; entities must come in order.
+    fn push(&mut self, entity: &str, values: &[Value]) -> Result<(), BatchError> {
+        if self.last.as_deref().is_some_and(|last| last > entity) {
+            return Err(BatchError::Config(format!(
+                "features of `{entity}` came after those of `{}` (a bug)",
+                self.last.as_deref().unwrap_or_default()
+            )));
+        }
+        self.last = Some(entity.to_string());
+        self.entities.append_value(entity);
+        self.values.push(values);
+        self.rows += 1;
+        if self.values.len() >= 8_192 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), BatchError> {
+        let values = self.values.finish().map_err(|e| Self::error(self.url, e))?;
+        let mut columns: Vec<datafusion::arrow::array::ArrayRef> =
+            vec![Arc::new(self.entities.finish())];
+        columns.extend(values.columns().iter().cloned());
+        let batch = RecordBatch::try_new(self.schema.clone(), columns)
+            .map_err(|e| Self::error(self.url, e))?;
+        self.writer
+            .write(&batch)
+            .map_err(|e| Self::error(self.url, e))
+    }
+
+    /// The file's bytes.
+    fn finish(mut self) -> Result<Vec<u8>, BatchError> {
+        if !self.values.is_empty() {
+            self.flush()?;
+        }
+        self.writer
+            .into_inner()
+            .map_err(|e| Self::error(self.url, e))
+    }
 }
 
 /// The dates of stored partials of `tier` (for tests and status output).

@@ -196,12 +196,14 @@ struct Stored {
     data: Vec<u8>,
 }
 
-fn decode(key: &str, bytes: &[u8]) -> Result<Stored, StoreError> {
+/// Decodes an item's encoding ([`encode_into`]); an owned one (read from a segment) keeps its
+/// buffer for the data.
+fn decode(key: &str, bytes: Cow<'_, [u8]>) -> Result<Stored, StoreError> {
     let corrupt = |reason: &str| StoreError::Corrupt {
         key: key.replace('\0', "/"),
         reason: reason.to_string(),
     };
-    let mut b = bytes;
+    let mut b: &[u8] = &bytes;
     let take = |b: &mut &[u8], n: usize| -> Result<Vec<u8>, StoreError> {
         if b.len() < n {
             return Err(corrupt("truncated"));
@@ -228,10 +230,18 @@ fn decode(key: &str, bytes: &[u8]) -> Result<Stored, StoreError> {
             take(&mut b, 8)?.try_into().map_err(|_| corrupt("ttl"))?,
         )),
     };
+    let header = bytes.len() - b.len();
+    let data = match bytes {
+        Cow::Borrowed(all) => all[header..].to_vec(),
+        Cow::Owned(mut all) => {
+            all.drain(..header);
+            all
+        }
+    };
     Ok(Stored {
         guard,
         expires_at,
-        data: b.to_vec(),
+        data,
     })
 }
 
@@ -479,7 +489,7 @@ impl EmbeddedStore {
         let Some(v) = table.get(k.as_str()).map_err(|e| self.err(e))? else {
             return Ok(None);
         };
-        let s = decode(&k, &self.load(v.value())?)?;
+        let s = decode(&k, self.load(v.value())?)?;
         if is_expired(s.expires_at, now) {
             return Ok(None);
         }
@@ -539,7 +549,7 @@ impl OnlineStore for EmbeddedStore {
             {
                 let (k, v) = entry.map_err(|e| s.err(e))?;
                 let key = k.value();
-                let st = decode(key, &s.load(v.value())?)?;
+                let st = decode(key, s.load(v.value())?)?;
                 if is_expired(st.expires_at, now) {
                     continue;
                 }
@@ -644,7 +654,11 @@ impl OnlineStore for EmbeddedStore {
         }
         // Encoded here: one copy of each item for the write thread, not a clone and an encoding.
         // Large ones go to one buffer, the new segment's content (see the module's docs).
-        let mut segment = Vec::new();
+        let large: usize = (items.iter())
+            .map(|i| i.data.len() + 64)
+            .filter(|n| *n >= SEPARATE_FROM)
+            .sum();
+        let mut segment = Vec::with_capacity(large);
         let encoded: Vec<(String, Result<Pointer, Vec<u8>>)> = items
             .iter()
             .map(|i| {
