@@ -198,6 +198,33 @@ fn from_map(m: &HashMap<String, AttributeValue>) -> Result<Item, StoreError> {
     })
 }
 
+/// Runs `task` on every chunk, up to `concurrency` tasks at once, handing each result to `each`
+/// as it comes; the first error (named by `what`) stops it.
+async fn bounded<C, R, Fut>(
+    concurrency: usize,
+    chunks: impl Iterator<Item = C>,
+    task: impl Fn(C) -> Fut,
+    mut each: impl FnMut(R),
+    what: &str,
+) -> Result<(), StoreError>
+where
+    Fut: std::future::Future<Output = Result<R, StoreError>> + Send + 'static,
+    R: Send + 'static,
+{
+    let mut set = JoinSet::new();
+    let mut chunks = chunks.peekable();
+    loop {
+        while set.len() < concurrency.max(1) {
+            let Some(chunk) = chunks.next() else { break };
+            set.spawn(task(chunk));
+        }
+        let Some(done) = set.join_next().await else {
+            return Ok(());
+        };
+        each(done.map_err(|e| StoreError::Internal(format!("{what} task failed: {e}")))??);
+    }
+}
+
 /// Full-jitter exponential backoff: a random delay in [0, min(cap, base·2^attempt)).
 fn backoff(base: Duration, attempt: u32) -> Duration {
     let cap = Duration::from_secs(5);
@@ -334,6 +361,30 @@ impl DynamoStore {
         &self.client
     }
 
+    /// Waits before retrying the `left` unprocessed keys or items (`what`) of `operation`, or
+    /// gives up after `max_backoff_attempts` rounds.
+    async fn back_off(
+        &self,
+        operation: &'static str,
+        left: usize,
+        what: &str,
+        attempt: &mut u32,
+    ) -> Result<(), StoreError> {
+        if *attempt >= self.cfg.max_backoff_attempts {
+            return Err(StoreError::Dynamo {
+                operation,
+                table: self.cfg.table.clone(),
+                message: format!("{left} {what} still unprocessed after {attempt} retries"),
+                throttled: true,
+            });
+        }
+        let wait = backoff(self.cfg.base_backoff, *attempt);
+        tracing::debug!(table = %self.cfg.table, operation, unprocessed = left, attempt = *attempt, wait_ms = wait.as_millis() as u64, "Retrying unprocessed {what}.");
+        tokio::time::sleep(wait).await;
+        *attempt += 1;
+        Ok(())
+    }
+
     /// One `BatchGetItem` of at most 100 keys, retrying unprocessed keys with backoff.
     async fn get_chunk(
         &self,
@@ -368,19 +419,8 @@ impl DynamoStore {
                 .map(|k| k.keys().to_vec())
                 .unwrap_or_default();
             if !pending.is_empty() {
-                if attempt >= self.cfg.max_backoff_attempts {
-                    return Err(StoreError::Dynamo {
-                        operation: "BatchGetItem",
-                        table: self.cfg.table.clone(),
-                        message: format!(
-                            "{} keys still unprocessed after {attempt} retries",
-                            pending.len()
-                        ),
-                        throttled: true,
-                    });
-                }
-                tokio::time::sleep(backoff(self.cfg.base_backoff, attempt)).await;
-                attempt += 1;
+                self.back_off("BatchGetItem", pending.len(), "keys", &mut attempt)
+                    .await?;
             }
         }
         Ok(found)
@@ -430,22 +470,9 @@ impl DynamoStore {
                 Err(e) => return Err(e),
             }
             if !pending.is_empty() {
-                if attempt >= self.cfg.max_backoff_attempts {
-                    return Err(StoreError::Dynamo {
-                        operation: "BatchWriteItem",
-                        table: self.cfg.table.clone(),
-                        message: format!(
-                            "{} items still unprocessed after {attempt} retries",
-                            pending.len()
-                        ),
-                        throttled: true,
-                    });
-                }
                 stats.retries += 1;
-                let wait = backoff(self.cfg.base_backoff, attempt);
-                tracing::debug!(table = %self.cfg.table, unprocessed = pending.len(), attempt, wait_ms = wait.as_millis() as u64, "Retrying unprocessed items.");
-                tokio::time::sleep(wait).await;
-                attempt += 1;
+                self.back_off("BatchWriteItem", pending.len(), "items", &mut attempt)
+                    .await?;
             }
         }
         Ok(stats)
@@ -484,23 +511,23 @@ impl OnlineStore for DynamoStore {
         unique.dedup();
         // Requests of 100 keys, up to `concurrency` at once (the batch job reads a night's
         // previous rows this way: tens of thousands of keys).
-        let mut set = JoinSet::new();
-        let mut chunks = unique
+        let chunks: Vec<Vec<_>> = unique
             .chunks(100)
-            .map(|c| c.iter().map(|k| key_map(k)).collect::<Vec<_>>());
-        loop {
-            while set.len() < self.cfg.concurrency.max(1) {
-                let Some(chunk) = chunks.next() else { break };
-                let this = self.clone();
-                set.spawn(async move { this.get_chunk(chunk).await });
-            }
-            let Some(done) = set.join_next().await else {
-                break;
-            };
-            let items =
-                done.map_err(|e| StoreError::Internal(format!("batch get task failed: {e}")))??;
-            found.extend(items.into_iter().map(|i| (i.key.clone(), i)));
-        }
+            .map(|c| c.iter().map(|k| key_map(k)).collect())
+            .collect();
+        let get = |chunk| {
+            let this = self.clone();
+            async move { this.get_chunk(chunk).await }
+        };
+        let each = |items: Vec<Item>| found.extend(items.into_iter().map(|i| (i.key.clone(), i)));
+        bounded(
+            self.cfg.concurrency,
+            chunks.into_iter(),
+            get,
+            each,
+            "batch get",
+        )
+        .await?;
         let now = self.clock.now_ms();
         Ok(keys
             .iter()
@@ -668,23 +695,21 @@ impl OnlineStore for DynamoStore {
         order.sort_unstable();
         let unique: Vec<Item> = order.into_iter().map(|i| items[i].clone()).collect();
         let mut total = BatchStats::default();
-        let mut set = JoinSet::new();
-        let mut chunks = unique.chunks(25).map(|c| c.to_vec());
-        loop {
-            while set.len() < self.cfg.concurrency.max(1) {
-                let Some(chunk) = chunks.next() else { break };
-                let this = self.clone();
-                set.spawn(async move { this.write_chunk(chunk).await });
-            }
-            let Some(done) = set.join_next().await else {
-                break;
-            };
-            let s =
-                done.map_err(|e| StoreError::Internal(format!("batch write task failed: {e}")))??;
+        // Chunks of 25 taken from the end (each key is written once, so the order is free).
+        let mut rest = unique;
+        let chunks = std::iter::from_fn(move || {
+            (!rest.is_empty()).then(|| rest.split_off(rest.len().saturating_sub(25)))
+        });
+        let write = |chunk| {
+            let this = self.clone();
+            async move { this.write_chunk(chunk).await }
+        };
+        let each = |s: BatchStats| {
             total.items += s.items;
             total.requests += s.requests;
             total.retries += s.retries;
-        }
+        };
+        bounded(self.cfg.concurrency, chunks, write, each, "batch write").await?;
         Ok(total)
     }
 
