@@ -110,17 +110,25 @@ impl Segments {
         Ok(buf)
     }
 
-    /// Writes `data` as a new segment, synced (with its directory entry) before returning.
-    fn create(&self, data: &[u8]) -> std::io::Result<u32> {
+    /// Writes `data` as a new segment, synced (with its directory entry) before returning; an
+    /// error names the segment's file (a full disk, say).
+    fn create(&self, data: &[u8]) -> Result<u32, StoreError> {
         use std::io::Write;
         let id = self.next.fetch_add(1, Ordering::SeqCst);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(self.path(id))?;
-        f.write_all(data)?;
-        f.sync_data()?;
-        File::open(&self.dir)?.sync_all()?;
+        let path = self.path(id);
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            f.write_all(data)?;
+            f.sync_data()?;
+            File::open(&self.dir)?.sync_all()
+        };
+        write().map_err(|e| StoreError::Embedded {
+            path: path.display().to_string(),
+            source: redb::Error::Io(e),
+        })?;
         Ok(id)
     }
 
@@ -445,7 +453,7 @@ impl EmbeddedStore {
                 data.extend_from_slice(&self.load(&p.encode())?);
             }
             if !data.is_empty() {
-                let id = self.segments.create(&data).map_err(|e| self.err(e))?;
+                let id = self.segments.create(&data)?;
                 let size = data.len() as u64;
                 segments.insert(id, (size, size)).map_err(|e| self.err(e))?;
                 for ((key, p), offset) in moved.iter().zip(offsets) {
@@ -679,7 +687,7 @@ impl OnlineStore for EmbeddedStore {
         self.blocking(move |s| {
             let id = match segment.is_empty() {
                 true => None,
-                false => Some(s.segments.create(&segment).map_err(|e| s.err(e))?),
+                false => Some(s.segments.create(&segment)?),
             };
             let txn = s.db.begin_write().map_err(|e| s.err(e))?;
             let mut dead = Vec::new();

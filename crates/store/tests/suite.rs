@@ -177,3 +177,19 @@ async fn embedded_compaction_moves_the_live_rows_of_sparse_segments() {
     let files = segment_files(&store);
     assert!(files.len() <= 4, "{files:?}");
 }
+
+#[tokio::test]
+async fn embedded_a_failed_segment_write_names_the_file_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path().join("online.redb")).unwrap();
+    let rows: Vec<_> = (0..10).map(|k| row(&format!("e{k}"), 1)).collect();
+    store.batch_put(&rows).await.unwrap();
+    // The next segment's file cannot be created (a directory of that name stands in the way).
+    std::fs::create_dir(store.values_dir().join("0000000001.seg")).unwrap();
+    let newer: Vec<_> = (0..10).map(|k| row(&format!("e{k}"), 2)).collect();
+    let err = store.batch_put(&newer).await.unwrap_err().to_string();
+    assert!(err.contains("0000000001.seg"), "{err}");
+    for r in &rows {
+        assert_eq!(data_of(&store, &r.key.sk).await, Some(r.data.clone()));
+    }
+}
