@@ -1900,7 +1900,14 @@ impl<'a> FeaturesWriter<'a> {
                 self.last.as_deref().unwrap_or_default()
             )));
         }
-        self.last = Some(entity.to_string());
+        // The previous entity's buffer is reused: no allocation per row.
+        match &mut self.last {
+            Some(last) => {
+                last.clear();
+                last.push_str(entity);
+            }
+            None => self.last = Some(entity.to_string()),
+        }
         self.entities.append_value(entity);
         self.values.push(values);
         self.rows += 1;

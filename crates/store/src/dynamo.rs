@@ -202,7 +202,7 @@ fn from_map(m: &HashMap<String, AttributeValue>) -> Result<Item, StoreError> {
 /// as it comes; the first error (named by `what`) stops it.
 async fn bounded<C, R, Fut>(
     concurrency: usize,
-    chunks: impl Iterator<Item = C>,
+    mut chunks: impl Iterator<Item = C>,
     task: impl Fn(C) -> Fut,
     mut each: impl FnMut(R),
     what: &str,
@@ -212,7 +212,6 @@ where
     R: Send + 'static,
 {
     let mut set = JoinSet::new();
-    let mut chunks = chunks.peekable();
     loop {
         while set.len() < concurrency.max(1) {
             let Some(chunk) = chunks.next() else { break };

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition};
 
 use crate::{
     BatchStats, Clock, Condition, Guard, Item, ItemKey, OnlineStore, StoreError, SystemClock,
@@ -385,15 +385,16 @@ impl EmbeddedStore {
     fn load<'v>(&self, stored: &'v [u8]) -> Result<Cow<'v, [u8]>, StoreError> {
         match Pointer::of(stored) {
             None => Ok(Cow::Borrowed(stored)),
-            Some(p) => self
-                .segments
-                .read(p)
-                .map(Cow::Owned)
-                .map_err(|e| StoreError::Embedded {
-                    path: self.segments.path(p.segment).display().to_string(),
-                    source: redb::Error::Io(e),
-                }),
+            Some(p) => self.read_value(p).map(Cow::Owned),
         }
+    }
+
+    /// The item encoding `p` points to; an error names the segment's file.
+    fn read_value(&self, p: Pointer) -> Result<Vec<u8>, StoreError> {
+        self.segments.read(p).map_err(|e| StoreError::Embedded {
+            path: self.segments.path(p.segment).display().to_string(),
+            source: redb::Error::Io(e),
+        })
     }
 
     /// Deletes the files of segments a committed write left without live bytes. A failure only
@@ -404,38 +405,35 @@ impl EmbeddedStore {
         }
     }
 
-    /// Compacts the segments less than half live into one new segment when the dead bytes of
-    /// all segments exceed both their live bytes and `compact_over`, in one write transaction
-    /// (the old files are deleted after its commit).
-    fn compact_if_needed(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        let sparse: Vec<u32> = {
-            let segments = txn.open_table(SEGMENTS).map_err(|e| self.err(e))?;
-            let (mut live, mut total, mut sparse) = (0u64, 0u64, Vec::new());
-            for r in segments.iter().map_err(|e| self.err(e))? {
-                let (id, v) = r.map_err(|e| self.err(e))?;
-                let (l, t) = v.value();
-                live += l;
-                total += t;
-                if l * 2 < t {
-                    sparse.push(id.value());
-                }
+    /// The segments to compact, read from `segments` in the write that may call for it: those
+    /// less than half live, once the dead bytes of all segments exceed both their live bytes and
+    /// `compact_over` (none before).
+    fn due_for_compaction(
+        &self,
+        segments: &Table<u32, (u64, u64)>,
+    ) -> Result<Vec<u32>, StoreError> {
+        let (mut live, mut total, mut sparse) = (0u64, 0u64, Vec::new());
+        for r in segments.iter().map_err(|e| self.err(e))? {
+            let (id, v) = r.map_err(|e| self.err(e))?;
+            let (l, t) = v.value();
+            live += l;
+            total += t;
+            if l * 2 < t {
+                sparse.push(id.value());
             }
-            let dead = total - live.min(total);
-            if dead <= live.max(self.compact_over) {
-                Vec::new()
-            } else {
-                sparse
-            }
-        };
-        if sparse.is_empty() {
-            txn.abort().map_err(|e| self.err(e))?;
-            return Ok(());
         }
-        self.compact(txn, &sparse)
+        let dead = total - live.min(total);
+        Ok(match dead > live.max(self.compact_over) {
+            true => sparse,
+            false => Vec::new(),
+        })
     }
 
-    fn compact(&self, txn: WriteTransaction, sparse: &[u32]) -> Result<(), StoreError> {
+    /// Moves the live values of the `sparse` segments into one new segment, in one write
+    /// transaction (the old files are deleted after its commit). A segment another write emptied
+    /// meanwhile just has nothing to move.
+    fn compact(&self, sparse: &[u32]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut items = txn.open_table(ITEMS).map_err(|e| self.err(e))?;
             let mut segments = txn.open_table(SEGMENTS).map_err(|e| self.err(e))?;
@@ -452,7 +450,7 @@ impl EmbeddedStore {
             let mut offsets = Vec::with_capacity(moved.len());
             for (_, p) in &moved {
                 offsets.push(data.len() as u64);
-                data.extend_from_slice(&self.load(&p.encode())?);
+                data.extend_from_slice(&self.read_value(*p)?);
             }
             if !data.is_empty() {
                 let id = self.segments.create(&data)?;
@@ -693,7 +691,7 @@ impl OnlineStore for EmbeddedStore {
             };
             let txn = s.db.begin_write().map_err(|e| s.err(e))?;
             let mut dead = Vec::new();
-            {
+            let sparse = {
                 let mut table = txn.open_table(ITEMS).map_err(|e| s.err(e))?;
                 let mut segments = txn.open_table(SEGMENTS).map_err(|e| s.err(e))?;
                 if let Some(id) = id {
@@ -719,11 +717,15 @@ impl OnlineStore for EmbeddedStore {
                         .and_then(|g| Pointer::of(g.value()));
                     release(&mut segments, old, &mut dead).map_err(|e| s.err(e))?;
                 }
-            }
+                match id {
+                    Some(_) => s.due_for_compaction(&segments)?,
+                    None => Vec::new(),
+                }
+            };
             txn.commit().map_err(|e| s.err(e))?;
             s.delete_segments(&dead);
-            if id.is_some() {
-                s.compact_if_needed()?;
+            if !sparse.is_empty() {
+                s.compact(&sparse)?;
             }
             Ok(BatchStats {
                 items: encoded.len() as u64,
