@@ -473,6 +473,7 @@ async fn day_partials(
     dir_url: &str,
     day: i64,
     tiers: &[(Tier, i64, i64)],
+    store: &StoreTo,
 ) -> Result<BTreeMap<Tier, Vec<RecordBatch>>, BatchError> {
     let q = |what: String| move |source| BatchError::Query { what, source };
     // Per-day table names, so several days can be computed at once in one session.
@@ -505,7 +506,7 @@ async fn day_partials(
     let mem = datafusion::datasource::MemTable::try_new(schema, vec![rows]).map_err(q(what))?;
     ctx.register_table(distinct.as_str(), Arc::new(mem))
         .map_err(q("registering the day".into()))?;
-    let out = partials_of_distinct(ctx, view, &distinct, day, tiers).await;
+    let out = partials_of_distinct(ctx, view, &distinct, day, tiers, store).await;
     ctx.deregister_table(distinct.as_str()).ok();
     out
 }
@@ -545,19 +546,32 @@ async fn joined<T>(
         .map_err(|e| BatchError::Config(format!("a task of the job failed (a bug): {e}")))?
 }
 
-/// The duplicate check and the partial queries of one deduplicated day, run at once.
+/// Where a computed day's partials are stored: the offline store, and the day's inputs recorded
+/// next to them (`_inputs.json`: stored partials are reused for exactly these inputs).
+#[derive(Clone)]
+struct StoreTo {
+    offline: Location,
+    inputs: Vec<u8>,
+}
+
+/// The duplicate check and the partial queries of one deduplicated day, run at once. Each tier's
+/// task converts its rows and stores its file (tiles are not stored) as soon as its query is done
+/// and the duplicate check has passed (a day with conflicting duplicates stores nothing, so a
+/// rerun finds the conflict again): a tier that finishes early is written while the others run.
 async fn partials_of_distinct(
     ctx: &SessionContext,
     view: &FeatureView,
     table: &str,
     day: i64,
     tiers: &[(Tier, i64, i64)],
+    store: &StoreTo,
 ) -> Result<BTreeMap<Tier, Vec<RecordBatch>>, BatchError> {
     let mut check = spawn_query(
         ctx,
         sql::conflicting_ids_of_distinct(view, table),
         format!("the duplicate check of {}", date_of(day)),
     );
+    let (passed, checked) = tokio::sync::watch::channel(false);
     let mut queries = Vec::new();
     for (tier, from, to) in tiers {
         let (from, to) = ((*from).max(day), (*to).min(day + DAY_MS));
@@ -566,7 +580,27 @@ async fn partials_of_distinct(
         }
         let text = sql::partial_states_of_distinct(view, table, tier.width(view), from, to);
         let what = format!("{} partials of {}", tier.name(), date_of(day));
-        queries.push((*tier, spawn_query(ctx, text, what)));
+        let query = spawn_query(ctx, text, what);
+        let (tier, view, store) = (*tier, view.clone(), store.clone());
+        let mut checked = checked.clone();
+        queries.push((
+            tier,
+            Aborting(tokio::spawn(async move {
+                let mut query = query;
+                let batches = joined(&mut query.0).await?;
+                let parts = to_partial_batches(&batches, view.aggregations.len())?;
+                if tier != Tier::Tile {
+                    // Dropped unpassed: the day failed its check, and this task is aborted.
+                    if checked.wait_for(|ok| *ok).await.is_ok() {
+                        let rel = partial_rel(&view, tier, day);
+                        write_parquet(&store.offline, &rel, partial_schema(), &parts).await?;
+                        let inputs = inputs_rel(&view, tier, day);
+                        store.offline.put(&inputs, store.inputs).await?;
+                    }
+                }
+                Ok(parts)
+            })),
+        ));
     }
     let conflicts = joined(&mut check.0).await?;
     let ids: Vec<String> = conflicts
@@ -584,10 +618,11 @@ async fn partials_of_distinct(
             ids,
         });
     }
+    // The receivers outlive this send (their tasks are awaited below).
+    let _ = passed.send(true);
     let mut out = BTreeMap::new();
     for (tier, mut task) in queries {
-        let batches = joined(&mut task.0).await?;
-        out.insert(tier, to_partial_batches(&batches, view.aggregations.len())?);
+        out.insert(tier, joined(&mut task.0).await?);
     }
     Ok(out)
 }
@@ -789,21 +824,25 @@ async fn compute_day(
     }
     let (rows, bytes) = check_partition(view, &opts.history, &plan.dir, &plan.files).await?;
     let dir_url = opts.history.url_of(&plan.dir);
+    let store = StoreTo {
+        offline: opts.offline.clone(),
+        inputs: plan.inputs,
+    };
     let parts = if bytes > 0 {
-        day_partials(day_ctx, view, &dir_url, day, &plan.todo).await?
+        // Stores each tier's file as soon as it is computed.
+        day_partials(day_ctx, view, &dir_url, day, &plan.todo, &store).await?
     } else {
         // No history that day: empty partial files record it as done.
-        plan.todo.iter().map(|t| (t.0, Vec::new())).collect()
-    };
-    for (tier, batches) in &parts {
-        if *tier != Tier::Tile {
+        let parts: BTreeMap<Tier, Vec<RecordBatch>> =
+            plan.todo.iter().map(|t| (t.0, Vec::new())).collect();
+        for tier in parts.keys().filter(|t| **t != Tier::Tile) {
             let rel = partial_rel(view, *tier, day);
-            write_parquet(&opts.offline, &rel, partial_schema(), batches).await?;
-            opts.offline
-                .put(&inputs_rel(view, *tier, day), plan.inputs.clone())
-                .await?;
+            write_parquet(&store.offline, &rel, partial_schema(), &[]).await?;
+            let inputs = inputs_rel(view, *tier, day);
+            store.offline.put(&inputs, store.inputs.clone()).await?;
         }
-    }
+        parts
+    };
     // The computed partials are used from memory (the stored files are the same rows).
     Ok((
         day,
@@ -1064,11 +1103,17 @@ pub async fn run(
     // 2. Compute the days that need it, a few at once (one day's file is too small to keep both
     //    cores busy); results are applied in day order.
     let day_ctx = &day_ctx;
-    let mut computed = futures::stream::iter(
-        plans
-            .into_iter()
-            .map(|plan| compute_day(day_ctx, opts, plan)),
-    )
+    // Each day on a task of its own: the main task stays free to poll the others (the leaving
+    // entities' reads below do not wait for a day's deduplication to yield).
+    let mut computed = futures::stream::iter(plans.into_iter().map(|plan| {
+        let (ctx, opts) = (day_ctx.clone(), opts.clone());
+        async move {
+            let mut task = Aborting(tokio::spawn(
+                async move { compute_day(&ctx, &opts, plan).await },
+            ));
+            joined(&mut task.0).await
+        }
+    }))
     .buffered(DAYS_AT_ONCE);
     // 3. Gather the partials of the days that changed since the committed batch view (every
     //    day on a rebuild), in day order. Meanwhile (4.) find the entities whose features may
@@ -1299,6 +1344,10 @@ pub async fn run(
 }
 
 /// The stored batch rows of `entities` (absent ones are left out).
+/// Keys per `batch_get` of [`previous_rows`], and calls at once.
+const READ_CHUNK: usize = 2_500;
+const READS_AT_ONCE: usize = 2;
+
 async fn previous_rows(
     store: &dyn OnlineStore,
     view: &FeatureView,
@@ -1306,12 +1355,18 @@ async fn previous_rows(
 ) -> Result<HashMap<String, Vec<u8>>, BatchError> {
     let entities: Vec<&str> = entities.collect();
     let mut out = HashMap::with_capacity(entities.len());
-    for chunk in entities.chunks(5_000) {
+    // A few chunks at once: the embedded store reads each on a thread of its own.
+    let mut chunks = futures::stream::iter(entities.chunks(READ_CHUNK).map(|chunk| async move {
         let keys: Vec<ItemKey> = chunk
             .iter()
             .map(|e| ItemKey::batch(&view.name, e))
             .collect();
-        for (e, item) in chunk.iter().zip(store.batch_get(&keys).await?) {
+        Ok::<_, BatchError>((chunk, store.batch_get(&keys).await?))
+    }))
+    .buffered(READS_AT_ONCE);
+    while let Some(read) = chunks.next().await {
+        let (chunk, items) = read?;
+        for (e, item) in chunk.iter().zip(items) {
             if let Some(item) = item {
                 out.insert(e.to_string(), item.data);
             }

@@ -116,11 +116,18 @@ impl AggregateUDFImpl for StateUdaf {
     }
 }
 
+/// Groups per chunk of [`StateGroups`].
+const CHUNK: usize = 4096;
+
 /// One core state per group, updated from whole batches (DataFusion's fast path for GROUP BY;
-/// the FILTER clause arrives as `opt_filter`).
+/// the FILTER clause arrives as `opt_filter`). The states live in chunks of [`CHUNK`]: adding
+/// groups never moves the states already there, as a doubling `Vec` would (copying them into
+/// fresh pages at every doubling: a night's hour query has 40 k groups).
 struct StateGroups {
     agg: Aggregation,
-    states: Vec<AggState>,
+    chunks: Vec<Vec<AggState>>,
+    /// Groups (states in `chunks`).
+    len: usize,
     row: Vec<Value>,
 }
 
@@ -128,23 +135,52 @@ impl StateGroups {
     fn new(agg: &Aggregation) -> Self {
         StateGroups {
             agg: agg.clone(),
-            states: Vec::new(),
+            chunks: Vec::new(),
+            len: 0,
             row: Vec::with_capacity(1),
         }
     }
     fn grow(&mut self, total: usize) {
-        while self.states.len() < total {
-            self.states.push(self.agg.empty());
+        while self.len < total {
+            if self.len.is_multiple_of(CHUNK) {
+                self.chunks.push(Vec::with_capacity(CHUNK));
+            }
+            let Some(last) = self.chunks.last_mut() else {
+                return; // unreachable: a chunk was just pushed if none had room
+            };
+            let n = (CHUNK - last.len()).min(total - self.len);
+            let agg = &self.agg;
+            last.extend(std::iter::repeat_with(|| agg.empty()).take(n));
+            self.len += n;
         }
     }
     fn emit(&mut self, emit_to: EmitTo) -> ArrayRef {
-        let taken = emit_to.take_needed(&mut self.states);
-        let mut b = datafusion::arrow::array::BinaryBuilder::new();
-        for st in &taken {
+        let n = match emit_to {
+            EmitTo::All => self.len,
+            EmitTo::First(n) => n.min(self.len),
+        };
+        let mut b = datafusion::arrow::array::BinaryBuilder::with_capacity(n, n * 16);
+        for st in self.chunks.iter().flatten().take(n) {
             b.append_value(encode_states(
                 std::slice::from_ref(&self.agg),
                 std::slice::from_ref(st),
             ));
+        }
+        // The groups after the first `n` are renumbered from 0 (rare: emitting early).
+        let rest: Vec<AggState> = std::mem::take(&mut self.chunks)
+            .into_iter()
+            .flatten()
+            .skip(n)
+            .collect();
+        self.len = 0;
+        for st in rest {
+            if self.len.is_multiple_of(CHUNK) {
+                self.chunks.push(Vec::with_capacity(CHUNK));
+            }
+            if let Some(last) = self.chunks.last_mut() {
+                last.push(st);
+                self.len += 1;
+            }
         }
         Arc::new(b.finish())
     }
@@ -199,7 +235,8 @@ impl GroupsAccumulator for StateGroups {
                 self.row
                     .push(value_at(values[0].as_ref(), i).map_err(exec)?);
             }
-            self.agg.apply(&mut self.states[*g], &self.row, ts, id);
+            let state = &mut self.chunks[*g / CHUNK][*g % CHUNK];
+            self.agg.apply(state, &self.row, ts, id);
         }
         Ok(())
     }
@@ -226,7 +263,8 @@ impl GroupsAccumulator for StateGroups {
             }
             let other =
                 decode_states(std::slice::from_ref(&self.agg), arr.value(i)).map_err(exec)?;
-            self.agg.merge(&mut self.states[*g], &other[0]);
+            self.agg
+                .merge(&mut self.chunks[*g / CHUNK][*g % CHUNK], &other[0]);
         }
         Ok(())
     }
@@ -243,7 +281,8 @@ impl GroupsAccumulator for StateGroups {
         Ok(vec![one.emit(EmitTo::All)])
     }
     fn size(&self) -> usize {
-        std::mem::size_of_val(self) + self.states.capacity() * std::mem::size_of::<AggState>() * 2
+        std::mem::size_of_val(self)
+            + self.chunks.len() * CHUNK * std::mem::size_of::<AggState>() * 2
     }
 }
 
@@ -271,7 +310,7 @@ impl Accumulator for StateAccumulator {
         self.0.grow(1);
         Ok(ScalarValue::Binary(Some(encode_states(
             std::slice::from_ref(&self.0.agg),
-            std::slice::from_ref(&self.0.states[0]),
+            std::slice::from_ref(&self.0.chunks[0][0]),
         ))))
     }
     fn size(&self) -> usize {
@@ -283,5 +322,45 @@ impl Accumulator for StateAccumulator {
     fn merge_batch(&mut self, states: &[ArrayRef]) -> DfResult<()> {
         let n = states.first().map_or(0, |a| a.len());
         self.0.merge_batch(states, &vec![0; n], 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::TimestampMillisecondArray;
+
+    /// Counts per group across several chunks, emitted first in part (the rest renumbered from
+    /// 0), then in full.
+    #[test]
+    fn groups_span_chunks_and_emit_in_parts() {
+        let agg = lambda_core::Aggregation {
+            name: "n".into(),
+            function: lambda_core::AggFunction::Count,
+            input: None,
+            input_type: None,
+            output_type: lambda_core::ColumnType::Int64,
+            filter: None,
+        };
+        let mut g = StateGroups::new(&agg);
+        let total = 2 * CHUNK + 10;
+        // Group i gets i % 3 + 1 rows.
+        let groups: Vec<usize> = (0..total).flat_map(|i| vec![i; i % 3 + 1]).collect();
+        let ts: ArrayRef = Arc::new(TimestampMillisecondArray::from(vec![0; groups.len()]));
+        let ids: ArrayRef = Arc::new(StringArray::from(vec!["e"; groups.len()]));
+        g.update_batch(&[ts, ids], &groups, None, total).unwrap();
+        let count = |a: &ArrayRef, i: usize| {
+            let b = a.as_any().downcast_ref::<BinaryArray>().unwrap();
+            match &decode_states(std::slice::from_ref(&agg), b.value(i)).unwrap()[0] {
+                AggState::Count(n) => *n as usize,
+                other => panic!("{other:?}"),
+            }
+        };
+        let first = g.emit(EmitTo::First(CHUNK + 5));
+        assert_eq!(first.len(), CHUNK + 5);
+        assert!((0..first.len()).all(|i| count(&first, i) == i % 3 + 1));
+        let rest = g.emit(EmitTo::All);
+        assert_eq!(rest.len(), total - CHUNK - 5);
+        assert!((0..rest.len()).all(|i| count(&rest, i) == (i + CHUNK + 5) % 3 + 1));
     }
 }

@@ -704,6 +704,13 @@ async fn bad_history_files_are_named() {
         "{e}"
     );
     assert!(e.to_string().contains("2025-12-31"), "{e}");
+    // Nor were the day's partials stored (a tier's query may finish before the check): a rerun
+    // finds the conflict again instead of reusing them.
+    let again = run(&opts, &store, |_| {}).await.unwrap_err();
+    assert!(
+        matches!(&again, BatchError::ConflictingDuplicates { .. }),
+        "{again}"
+    );
     // Nothing was uploaded by the failed runs.
     assert!(
         store
