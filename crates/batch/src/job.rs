@@ -1066,13 +1066,21 @@ pub async fn run(
     let total = days.len();
     // 1. Plan: which tiers each day must compute (stored partials of unchanged inputs are reused).
     //    Days are planned concurrently (each is a listing and a few small reads).
-    let plans: Vec<DayPlan> =
-        futures::stream::iter(days.iter().map(|d| plan_day(opts, &needs, *d)))
-            .buffered(16)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()?;
+    //    Each on a task of its own: parsing the stored inputs is work for both cores.
+    let plans: Vec<DayPlan> = futures::stream::iter(days.iter().map(|d| {
+        let (opts, needs, d) = (opts.clone(), needs.clone(), *d);
+        async move {
+            let mut task = Aborting(tokio::spawn(
+                async move { plan_day(&opts, &needs, d).await },
+            ));
+            joined(&mut task.0).await
+        }
+    }))
+    .buffered(16)
+    .collect::<Vec<_>>()
+    .await
+    .into_iter()
+    .collect::<Result<_, _>>()?;
     tracing::debug!(view = %view.name, days = plans.len(), elapsed_s = started.elapsed().as_secs_f64(), "Planned.");
     // What the online batch view already reflects decides what this run rewrites: the entities
     // with a new or changed day, or everything (a rebuild) when there is nothing to build on.
@@ -1308,6 +1316,10 @@ pub async fn run(
         },
         &mut progress,
     )?;
+    // The previous rows are freed on another thread while the features file and the commit are
+    // written (tens of thousands of allocations).
+    drop(builder);
+    let _ = std::thread::Builder::new().spawn(move || drop(old));
     summary.row_bytes = row_bytes;
     summary.compacted = full_rows.len();
     summary.entities = written;

@@ -44,6 +44,11 @@ const INLINE: u8 = 1;
 /// First byte of a stored value: a [`Pointer`] to the item in a segment.
 const POINTER: u8 = 2;
 
+/// Reads of [`EmbeddedStore::batch_get`]: a value at most this many bytes after the previous one
+/// in its segment is read in the same run, and a run spans at most [`READ_RUN`] bytes.
+const READ_GAP: u64 = 16 << 10;
+const READ_RUN: u64 = 1 << 20;
+
 /// Where an item's encoding lies in a segment file.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Pointer {
@@ -204,6 +209,25 @@ struct Stored {
     guard: Option<Guard>,
     expires_at: Option<i64>,
     data: Vec<u8>,
+}
+
+/// The item `key` (composite key `k`) from its stored encoding, unless expired at `now`.
+fn live_item(
+    key: &ItemKey,
+    k: &str,
+    bytes: Cow<'_, [u8]>,
+    now: i64,
+) -> Result<Option<Item>, StoreError> {
+    let s = decode(k, bytes)?;
+    if is_expired(s.expires_at, now) {
+        return Ok(None);
+    }
+    Ok(Some(Item {
+        key: key.clone(),
+        data: s.data,
+        guard: s.guard,
+        expires_at: s.expires_at,
+    }))
 }
 
 /// Decodes an item's encoding ([`encode_into`]); an owned one (read from a segment) keeps its
@@ -497,16 +521,67 @@ impl EmbeddedStore {
         let Some(v) = table.get(k.as_str()).map_err(|e| self.err(e))? else {
             return Ok(None);
         };
-        let s = decode(&k, self.load(v.value())?)?;
-        if is_expired(s.expires_at, now) {
-            return Ok(None);
+        live_item(key, &k, self.load(v.value())?, now)
+    }
+
+    /// The live items of `keys` (in their order) from `table`: inline values as they are read, and
+    /// values in segments in runs of neighbours, one read per run instead of one per value (a
+    /// night reads tens of thousands of rows, stored next to each other in entity order).
+    fn read_many(
+        &self,
+        table: &impl ReadableTable<&'static str, &'static [u8]>,
+        keys: &[ItemKey],
+        now: i64,
+    ) -> Result<Vec<Option<Item>>, StoreError> {
+        let mut out = Vec::with_capacity(keys.len());
+        let mut pointed: Vec<(usize, String, Pointer)> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let k = composite(key);
+            let Some(v) = table.get(k.as_str()).map_err(|e| self.err(e))? else {
+                out.push(None);
+                continue;
+            };
+            match Pointer::of(v.value()) {
+                Some(p) => {
+                    pointed.push((i, k, p));
+                    out.push(None);
+                }
+                None => out.push(live_item(key, &k, Cow::Borrowed(v.value()), now)?),
+            }
         }
-        Ok(Some(Item {
-            key: key.clone(),
-            data: s.data,
-            guard: s.guard,
-            expires_at: s.expires_at,
-        }))
+        pointed.sort_unstable_by_key(|(_, _, p)| (p.segment, p.offset));
+        let mut buf = Vec::new();
+        let mut rest = pointed.as_slice();
+        while let Some((_, _, first)) = rest.first() {
+            // A run: values of one segment, each at most READ_GAP bytes after the last.
+            let (segment, start) = (first.segment, first.offset);
+            let mut end = start + u64::from(first.len);
+            let mut n = 1;
+            while let Some((_, _, p)) = rest.get(n) {
+                let next_end = p.offset + u64::from(p.len);
+                if p.segment != segment || p.offset > end + READ_GAP || next_end - start > READ_RUN
+                {
+                    break;
+                }
+                end = end.max(next_end);
+                n += 1;
+            }
+            buf.resize((end - start) as usize, 0);
+            self.segments
+                .file(segment)
+                .and_then(|f| f.read_exact_at(&mut buf, start))
+                .map_err(|e| StoreError::Embedded {
+                    path: self.segments.path(segment).display().to_string(),
+                    source: redb::Error::Io(e),
+                })?;
+            for (i, k, p) in &rest[..n] {
+                let at = (p.offset - start) as usize;
+                let bytes = buf[at..at + p.len as usize].to_vec();
+                out[*i] = live_item(&keys[*i], k, Cow::Owned(bytes), now)?;
+            }
+            rest = &rest[n..];
+        }
+        Ok(out)
     }
 }
 
@@ -531,7 +606,7 @@ impl OnlineStore for EmbeddedStore {
             let _reading = s.segments.guard.read().unwrap_or_else(|e| e.into_inner());
             let txn = s.db.begin_read().map_err(|e| s.err(e))?;
             let table = txn.open_table(ITEMS).map_err(|e| s.err(e))?;
-            keys.iter().map(|k| s.read_live(&table, k, now)).collect()
+            s.read_many(&table, &keys, now)
         })
         .await
     }

@@ -193,3 +193,57 @@ async fn embedded_a_failed_segment_write_names_the_file_and_changes_nothing() {
         assert_eq!(data_of(&store, &r.key.sk).await, Some(r.data.clone()));
     }
 }
+
+/// `batch_get` reads the values of a segment in runs of neighbours: every requested key still
+/// gets its own item, in request order, whatever the order, duplicates, missing keys, inline
+/// values, segments, distances between values (more than a run's gap) and sizes (more than a
+/// run) of the request.
+#[tokio::test]
+async fn embedded_batch_get_reads_runs_of_neighbours_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path().join("online.redb")).unwrap();
+    let sized = |sk: &str, seed: u8, len: usize| lambda_store::Item {
+        data: (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect(),
+        ..row(sk, seed)
+    };
+    // Segment 1: 700 rows of 2 000 bytes (more than a run), a 40 KB one (past a run's gap) and
+    // a 350 KB one, then more rows; segment 2: rows written later; and small (inline) values.
+    let mut first: Vec<_> = (0..700)
+        .map(|k| row(&format!("a{k:03}"), k as u8))
+        .collect();
+    first.push(sized("b-gap", 7, 40_000));
+    first.push(sized("b-huge", 9, 350_000));
+    first.extend((0..50).map(|k| row(&format!("c{k:03}"), k as u8)));
+    store.batch_put(&first).await.unwrap();
+    let second: Vec<_> = (0..20).map(|k| row(&format!("d{k:03}"), 3)).collect();
+    store.batch_put(&second).await.unwrap();
+    let smalls: Vec<_> = (0..5)
+        .map(|k| lambda_store::Item {
+            data: vec![k; 10],
+            ..row(&format!("s{k}"), 0)
+        })
+        .collect();
+    store.batch_put(&smalls).await.unwrap();
+    let all: Vec<_> = first.iter().chain(&second).chain(&smalls).collect();
+    // Every other row, backwards, with a repeat and keys that do not exist.
+    let mut wanted: Vec<String> = all
+        .iter()
+        .step_by(2)
+        .rev()
+        .map(|i| i.key.sk.clone())
+        .collect();
+    wanted.extend(["b-gap", "b-huge", "a001", "missing", "d019", "s4", "a001"].map(String::from));
+    let keys: Vec<_> = wanted
+        .iter()
+        .map(|sk| lambda_store::ItemKey::new("batch#v", sk))
+        .collect();
+    let got = store.batch_get(&keys).await.unwrap();
+    assert_eq!(got.len(), keys.len());
+    for (sk, item) in wanted.iter().zip(&got) {
+        let expected = all.iter().find(|i| &i.key.sk == sk).map(|i| &i.data);
+        assert_eq!(item.as_ref().map(|i| &i.data), expected, "{sk}");
+        if let Some(i) = item {
+            assert_eq!(&i.key.sk, sk);
+        }
+    }
+}
