@@ -226,7 +226,61 @@ struct RowBuild<'a> {
     expires: i64,
 }
 
+/// At a new cold block ([`lambda_core::merge::ColdBlock`]), the days it leaves out (the newest).
+const COLD_AFTER_DAYS: i64 = 7;
+/// A row keeps its cold block while at most this many day buckets come after it.
+const HOT_DAYS: usize = 21;
+
 impl RowBuild<'_> {
+    /// Encodes a built row. It keeps the previous row's cold block when that block's buckets still
+    /// in the row are the row's oldest day buckets, unchanged (only buckets at its start left the
+    /// row), at most a quarter of the block is dead, and at most [`HOT_DAYS`] day buckets come
+    /// after it: a night then compresses only the newer buckets. Otherwise the row gets a new cold
+    /// block of its days before the last [`COLD_AFTER_DAYS`].
+    fn encode(
+        &self,
+        blobs: &RowBlobs<'_>,
+        old: Option<&[u8]>,
+        prev: Option<&RowBlobs<'_>>,
+    ) -> Result<Vec<u8>, BatchError> {
+        let day = lambda_core::Span::days(1);
+        let fresh =
+            || blobs.encode_split(tile_start(self.cutoff_ms, day) - COLD_AFTER_DAYS * DAY_MS);
+        let (Some(old), Some(prev)) = (old, prev) else {
+            return Ok(fresh());
+        };
+        let Some(cold) = lambda_core::merge::cold_block(old)? else {
+            return Ok(fresh());
+        };
+        fn days<'r, 'b>(r: &'r RowBlobs<'b>) -> &'r [lambda_core::merge::EncodedBucket<'b>] {
+            r.tiers
+                .iter()
+                .find(|t| t.0 == Tier::Day)
+                .map_or(&[], |t| t.1.as_slice())
+        }
+        let (old_days, new_days) = (days(prev), days(blobs));
+        if cold.live > old_days.len() {
+            return Ok(fresh());
+        }
+        let in_cold = &old_days[..cold.live];
+        let first = new_days.first().map_or(i64::MAX, |b| b.0);
+        let expired = in_cold.iter().take_while(|b| b.0 < first).count();
+        let kept = &in_cold[expired..];
+        let unchanged = kept.len() <= new_days.len()
+            && kept.iter().zip(new_days).all(|(a, b)| {
+                a.0 == b.0
+                    && a.1 == b.1
+                    && std::ptr::eq(a.2.as_ptr(), b.2.as_ptr())
+                    && a.2.len() == b.2.len()
+            });
+        let skip = cold.skip + RowBlobs::cold_skip(&in_cold[..expired]);
+        let hot = new_days.len().saturating_sub(kept.len());
+        if !unchanged || kept.is_empty() || skip * 4 > cold.raw_len || hot > HOT_DAYS {
+            return Ok(fresh());
+        }
+        Ok(blobs.encode_reusing(&cold, skip, kept.len()))
+    }
+
     fn item(&self, entity: &str, data: Vec<u8>) -> Item {
         Item {
             key: ItemKey::batch(&self.view.name, entity),
@@ -283,7 +337,8 @@ impl RowBuild<'_> {
         };
         let blobs = splice_row(view, c, prev.as_ref(), replaced, &fresh);
         let features = encoded_row_features_at(&self.plan, &blobs, c)?;
-        let data = blobs.encode();
+        let old = self.old.get(entity).map(Vec::as_slice);
+        let data = self.encode(&blobs, old, prev.as_ref())?;
         let (data, full) = if data.len() > self.compact_over {
             let row = BatchRow::decode(&self.aggs, &data)?;
             (compact_row(view, &row).encode(&self.aggs), Some(data))

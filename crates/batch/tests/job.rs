@@ -13,7 +13,7 @@ use datafusion::datasource::MemTable;
 use lambda_batch::job::{BatchError, RunOptions, RunSummary, run};
 use lambda_batch::storage::{Location, S3Options};
 use lambda_core::decode::{decode_lines, value_at};
-use lambda_core::merge::{BatchRow, Tile, features_at};
+use lambda_core::merge::{BatchRow, RowBlobs, Tier, Tile, features_at};
 use lambda_core::time::{DAY_MS, HOUR_MS, MINUTE_MS, served_range, tile_start};
 use lambda_core::{FeatureView, Value, sql};
 use lambda_gen::{GenConfig, generate};
@@ -124,6 +124,7 @@ async fn full_and_incremental_runs_agree_and_reruns_are_idempotent() {
         )
         .await;
     }
+    let before_last = rows(&inc_store, &users()).await;
     let last = run_into(&d, &tmp.path().join("off-inc"), &inc_store, d.end, false).await;
     assert_eq!(
         last.days_computed, 1,
@@ -140,6 +141,30 @@ async fn full_and_incremental_runs_agree_and_reruns_are_idempotent() {
     );
     assert_eq!(a.len(), s.entities);
     assert_equivalent(&a, &b, "full vs incremental");
+    // Rows rewritten by the last night kept their cold block as it was stored (only the newer
+    // buckets were compressed again) where a new block would hold more days, and still read as
+    // the full run's rows (above).
+    fn cold(i: &Item) -> Option<lambda_core::merge::ColdBlock<'_>> {
+        lambda_core::merge::cold_block(&i.data).unwrap()
+    }
+    let carried = b
+        .iter()
+        .filter(|(e, i)| {
+            let Some(before) = before_last.get(*e).filter(|o| o.data != i.data) else {
+                return false; // not rewritten by the last night
+            };
+            let (Some(old), Some(now)) = (cold(before), cold(i)) else {
+                return false;
+            };
+            let body = lambda_core::merge::row_body(&i.data).unwrap();
+            let row = RowBlobs::parse(&body).unwrap();
+            let days = &row.tiers.iter().find(|t| t.0 == Tier::Day).unwrap().1;
+            let cold_until = tile_start(d.end, lambda_core::Span::days(1)) - 7 * DAY_MS;
+            let fresh_cold = days.iter().filter(|x| x.0 < cold_until).count();
+            old.lz4 == now.lz4 && now.live < fresh_cold
+        })
+        .count();
+    assert!(carried > 0, "no rewritten row kept its cold block");
     // The night rewrote only the entities with events that day; the others kept older rows.
     assert!(last.rebuild.is_none(), "{last:?}");
     assert!(

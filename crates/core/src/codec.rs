@@ -105,6 +105,11 @@ impl<'a> Reader<'a> {
     pub fn is_empty(&self) -> bool {
         self.pos >= self.buf.len()
     }
+    /// Bytes not consumed yet.
+    #[inline]
+    pub fn remaining(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
     /// One byte.
     #[inline]
     pub fn u8(&mut self) -> Result<u8, CodecError> {

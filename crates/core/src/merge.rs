@@ -227,6 +227,81 @@ fn row_err(source: CodecError) -> AggError {
 const RAW: u8 = 0;
 /// Row bodies are LZ4 blocks prefixed with their size (the same strings repeat across buckets).
 const LZ4: u8 = 1;
+/// Row bodies in two LZ4 blocks (see [`ColdBlock`]): the oldest day buckets, "cold", and the rest.
+/// After the layout byte: the bytes at the cold block's start that no longer belong to the row,
+/// its live buckets, the length of the body's part before the day buckets, the cold block's
+/// length, the cold block, then the rest (the body without its day buckets' cold part).
+const SPLIT: u8 = 2;
+
+/// The cold block of a row stored in two blocks: its oldest day buckets, compressed once and
+/// carried from night to night while they stay in the row, so that a night compresses only the
+/// newer buckets. Buckets that leave the row are skipped (their bytes stay in the block) until the
+/// job writes a new cold block.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ColdBlock<'a> {
+    /// The block as stored (LZ4, prefixed with its uncompressed size).
+    pub lz4: &'a [u8],
+    /// Its uncompressed size.
+    pub raw_len: usize,
+    /// Bytes at its start that belong to buckets no longer in the row.
+    pub skip: usize,
+    /// The live buckets in it: the row's first `live` day buckets.
+    pub live: usize,
+}
+
+/// The cold block of an encoded batch row, if it is stored in two blocks.
+pub fn cold_block(bytes: &[u8]) -> Result<Option<ColdBlock<'_>>, AggError> {
+    if bytes.len() < 2 || bytes[1] != SPLIT {
+        return Ok(None);
+    }
+    let h = split_header(bytes)?;
+    let raw_len = h
+        .cold
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| row_err(CodecError::Corrupt("truncated cold block".into())))?;
+    Ok(Some(ColdBlock {
+        lz4: h.cold,
+        raw_len,
+        skip: h.skip,
+        live: h.live,
+    }))
+}
+
+/// The fields of a [`SPLIT`] row.
+struct SplitHeader<'a> {
+    skip: usize,
+    live: usize,
+    before: usize,
+    cold: &'a [u8],
+    rest: &'a [u8],
+}
+
+fn split_header(bytes: &[u8]) -> Result<SplitHeader<'_>, AggError> {
+    let mut r = Reader::new(&bytes[2..]);
+    let mut field = || r.u64().map(|v| v as usize).map_err(row_err);
+    let (skip, live, before, cold_len) = (field()?, field()?, field()?, field()?);
+    let at = bytes.len() - r.remaining();
+    if cold_len > bytes.len() - at {
+        return Err(row_err(CodecError::Corrupt("truncated cold block".into())));
+    }
+    Ok(SplitHeader {
+        skip,
+        live,
+        before,
+        cold: &bytes[at..at + cold_len],
+        rest: &bytes[at + cold_len..],
+    })
+}
+
+/// The encoded size of one bucket in a row body.
+fn bucket_size(start: i64, end: i64, blob: &[u8]) -> usize {
+    let mut w = Writer::default();
+    w.i64(start);
+    w.i64(end - start);
+    w.u64(blob.len() as u64);
+    w.buf.len() + blob.len()
+}
 
 /// The body of an encoded batch row (what [`RowBlobs::parse`] reads), its compression undone.
 pub fn row_body(bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, AggError> {
@@ -240,6 +315,22 @@ pub fn row_body(bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, AggError> {
         LZ4 => lz4_flex::block::decompress_size_prepended(&bytes[2..])
             .map(std::borrow::Cow::Owned)
             .map_err(|e| row_err(CodecError::Corrupt(format!("compressed batch row: {e}")))),
+        SPLIT => {
+            let h = split_header(bytes)?;
+            let lz4 = |b: &[u8]| {
+                lz4_flex::block::decompress_size_prepended(b)
+                    .map_err(|e| row_err(CodecError::Corrupt(format!("compressed batch row: {e}"))))
+            };
+            let (cold, rest) = (lz4(h.cold)?, lz4(h.rest)?);
+            if h.skip > cold.len() || h.before > rest.len() {
+                return Err(row_err(CodecError::Corrupt("split batch row".into())));
+            }
+            let mut body = Vec::with_capacity(rest.len() + cold.len() - h.skip);
+            body.extend_from_slice(&rest[..h.before]);
+            body.extend_from_slice(&cold[h.skip..]);
+            body.extend_from_slice(&rest[h.before..]);
+            Ok(std::borrow::Cow::Owned(body))
+        }
         other => Err(row_err(CodecError::Corrupt(format!(
             "unknown batch row compression {other}"
         )))),
@@ -294,6 +385,90 @@ impl<'a> RowBlobs<'a> {
             out.extend_from_slice(&lz4_flex::block::compress_prepend_size(&body));
         }
         out
+    }
+
+    /// Encodes the row with its day buckets that start before `cold_until` in a block of their
+    /// own (see [`ColdBlock`]); as [`RowBlobs::encode`] when there are none, or when the day
+    /// tier is not the last.
+    pub fn encode_split(&self, cold_until: i64) -> Vec<u8> {
+        let Some(days) = self.split_days() else {
+            return self.encode();
+        };
+        let n = days.iter().take_while(|b| b.0 < cold_until).count();
+        if n == 0 {
+            return self.encode();
+        }
+        let mut w = Writer::default();
+        for (start, end, blob) in &days[..n] {
+            w.i64(*start);
+            w.i64(end - start);
+            w.bytes(blob);
+        }
+        let cold = lz4_flex::block::compress_prepend_size(&w.buf);
+        self.encode_with_cold(&cold, 0, n)
+    }
+
+    /// Encodes the row keeping a previous row's cold block: the row's first `live` day buckets
+    /// must be the block's buckets after its first `skip` bytes (what [`ColdBlock`] and
+    /// [`RowBlobs::cold_skip`] give). Only the other buckets are compressed.
+    pub fn encode_reusing(&self, cold: &ColdBlock<'_>, skip: usize, live: usize) -> Vec<u8> {
+        self.encode_with_cold(cold.lz4, skip, live)
+    }
+
+    /// The bytes that `expired` buckets at the start of a cold block take (added to its skip when
+    /// they leave the row).
+    pub fn cold_skip(expired: &[EncodedBucket<'_>]) -> usize {
+        expired
+            .iter()
+            .map(|(start, end, blob)| bucket_size(*start, *end, blob))
+            .sum()
+    }
+
+    /// The day tier's buckets, if it is the body's last tier (as [`row_tiers`] orders them).
+    fn split_days(&self) -> Option<&[EncodedBucket<'a>]> {
+        match self.tiers.last() {
+            Some((Tier::Day, days)) => Some(days),
+            _ => None,
+        }
+    }
+
+    fn encode_with_cold(&self, cold: &[u8], skip: usize, live: usize) -> Vec<u8> {
+        let Some(days) = self.split_days() else {
+            return self.encode();
+        };
+        // The body without the first `live` day buckets, and where they would be.
+        let mut w = Writer::default();
+        w.i64(self.cutoff_ms);
+        w.u64(self.tiers.len() as u64);
+        let mut before = 0;
+        for (tier, buckets) in &self.tiers {
+            w.u8(tier_code(*tier));
+            w.u64(buckets.len() as u64);
+            let from = if *tier == Tier::Day {
+                before = w.buf.len();
+                live
+            } else {
+                0
+            };
+            for (start, end, blob) in &buckets[from..] {
+                w.i64(*start);
+                w.i64(end - start);
+                w.bytes(blob);
+            }
+        }
+        debug_assert!(live <= days.len());
+        let rest = lz4_flex::block::compress_prepend_size(&w.buf);
+        let mut out = Writer::default();
+        out.u8(BATCH_ROW_VERSION);
+        out.u8(SPLIT);
+        out.u64(skip as u64);
+        out.u64(live as u64);
+        out.u64(before as u64);
+        out.u64(cold.len() as u64);
+        out.buf.reserve(cold.len() + rest.len());
+        out.buf.extend_from_slice(cold);
+        out.buf.extend_from_slice(&rest);
+        out.buf
     }
 
     /// The uncompressed body (see [`RowBlobs::encode`]).

@@ -8,8 +8,8 @@ use std::path::Path;
 use lambda_core::agg::{empty_states, update_all};
 use lambda_core::merge::{
     BatchRow, COMPACT_VALIDITY, FeaturePlan, MergeError, Partial, RowBlobs, Tier, Tile,
-    build_batch_row, compact_row, encoded_row_features_at, features_at, features_at_cutoff,
-    row_body, row_features_at, splice_row, tier_reach,
+    build_batch_row, cold_block, compact_row, encoded_row_features_at, features_at,
+    features_at_cutoff, row_body, row_features_at, splice_row, tier_reach,
 };
 use lambda_core::time::{DAY_MS, MINUTE_MS, served_range, tile_start};
 use lambda_core::{FeatureView, Value};
@@ -310,6 +310,73 @@ fn splicing_an_old_row_with_new_days_equals_building_the_row_anew() {
     // Claiming nothing keeps the old buckets: a stale old day would survive, so the test can fail.
     let wrong = splice_row(&v, cutoff, Some(&old_blobs), |_, _| false, &fresh).encode();
     assert_ne!(wrong, spliced);
+}
+
+/// A row stored in two blocks reads exactly as the plain row, and keeps its cold block night
+/// after night: the buckets that leave the row are skipped, only the others are compressed.
+#[test]
+fn rows_in_two_blocks_read_as_plain_rows_and_carry_their_cold_block() {
+    let v = view();
+    let aggs = v.aggs();
+    let first = 200 * DAY_MS;
+    let evs = events(&v, first - 40 * DAY_MS, first + 5 * DAY_MS, 20_000);
+    let row = batch_row(&v, &evs, first);
+    let plain = row.encode(&aggs);
+    let body = row_body(&plain).unwrap();
+    let blobs = RowBlobs::parse(&body).unwrap();
+    let split = blobs.encode_split(first - 7 * DAY_MS);
+    assert_ne!(split, plain);
+    assert_eq!(row_body(&split).unwrap(), body);
+    assert_eq!(BatchRow::decode(&aggs, &split).unwrap(), row);
+    let cold = cold_block(&split).unwrap().expect("a cold block");
+    let days = &blobs.tiers.iter().find(|t| t.0 == Tier::Day).unwrap().1;
+    let old_days = days.iter().filter(|b| b.0 < first - 7 * DAY_MS).count();
+    assert_eq!((cold.skip, cold.live), (0, old_days));
+    assert!(cold_block(&plain).unwrap().is_none());
+    // Nights later: days left the row at the front, new ones came at the end.
+    let (mut prev, mut prev_cold_skip) = (split, 0);
+    for night in 1..=3 {
+        let c = first + night * DAY_MS;
+        let want = batch_row(&v, &evs, c);
+        let fresh_row = want.encode(&aggs);
+        let fresh_body = row_body(&fresh_row).unwrap();
+        let fresh_blobs = RowBlobs::parse(&fresh_body).unwrap();
+        let prev_body = row_body(&prev).unwrap();
+        let prev_blobs = RowBlobs::parse(&prev_body).unwrap();
+        let cold = cold_block(&prev).unwrap().unwrap();
+        let prev_days = &prev_blobs
+            .tiers
+            .iter()
+            .find(|t| t.0 == Tier::Day)
+            .unwrap()
+            .1;
+        let new_days = &fresh_blobs
+            .tiers
+            .iter()
+            .find(|t| t.0 == Tier::Day)
+            .unwrap()
+            .1;
+        let expired = prev_days[..cold.live]
+            .iter()
+            .take_while(|b| b.0 < new_days[0].0)
+            .count();
+        assert!(expired > 0, "a day leaves the 30-day row every night");
+        let skip = cold.skip + RowBlobs::cold_skip(&prev_days[..expired]);
+        let next = fresh_blobs.encode_reusing(&cold, skip, cold.live - expired);
+        // The cold block is carried as it was stored.
+        let carried = cold_block(&next).unwrap().unwrap();
+        assert_eq!(carried.lz4, cold.lz4);
+        assert!(carried.skip > prev_cold_skip);
+        assert_eq!(row_body(&next).unwrap(), fresh_body, "night {night}");
+        assert_eq!(BatchRow::decode(&aggs, &next).unwrap(), want);
+        prev_cold_skip = carried.skip;
+        prev = next;
+    }
+    // A damaged header is an error, not a panic.
+    let mut bad = prev.clone();
+    bad[2] = 0x7f; // a skip past the block's end
+    assert!(row_body(&bad).is_err());
+    assert!(row_body(&prev[..prev.len() / 2]).is_err());
 }
 
 #[test]
