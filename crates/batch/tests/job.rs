@@ -159,7 +159,8 @@ async fn full_and_incremental_runs_agree_and_reruns_are_idempotent() {
             let body = lambda_core::merge::row_body(&i.data).unwrap();
             let row = RowBlobs::parse(&body).unwrap();
             let days = &row.tiers.iter().find(|t| t.0 == Tier::Day).unwrap().1;
-            let cold_until = tile_start(d.end, lambda_core::Span::days(1)) - 7 * DAY_MS;
+            let cold_until = tile_start(d.end, lambda_core::Span::days(1))
+                - lambda_batch::job::COLD_AFTER_DAYS * DAY_MS;
             let fresh_cold = days.iter().filter(|x| x.0 < cold_until).count();
             old.lz4 == now.lz4 && now.live < fresh_cold
         })
