@@ -227,9 +227,10 @@ struct RowBuild<'a> {
 }
 
 /// At a new cold block ([`lambda_core::merge::ColdBlock`]), the days it leaves out (the newest).
-/// 2 instead of 7: nights 0.464 against 0.511 s right after a full run (8 interleaved each, one
-/// binary reading the value from a variable; 1 day did no better than 2), and fewer new blocks
-/// later (one every 19 nights instead of 14, at [`HOT_DAYS`]).
+/// 2 rather than 7 for fewer new blocks later (one every 19 nights instead of 14, at
+/// [`HOT_DAYS`]); the night right after a full run is the same either way (`scripts/ab-nights.sh`:
+/// 0.504 against 0.500 s and 0.502 against 0.489 s, 8–10 interleaved nights; a first A/B with one
+/// binary reading the value from a variable had shown 0.464 against 0.511 s, noise).
 pub const COLD_AFTER_DAYS: i64 = 2;
 /// A row keeps its cold block while at most this many day buckets come after it.
 const HOT_DAYS: usize = 21;
