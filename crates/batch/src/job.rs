@@ -256,13 +256,7 @@ impl RowBuild<'_> {
         let Some(cold) = lambda_core::merge::cold_block(old)? else {
             return Ok(fresh());
         };
-        fn days<'r, 'b>(r: &'r RowBlobs<'b>) -> &'r [lambda_core::merge::EncodedBucket<'b>] {
-            r.tiers
-                .iter()
-                .find(|t| t.0 == Tier::Day)
-                .map_or(&[], |t| t.1.as_slice())
-        }
-        let (old_days, new_days) = (days(prev), days(blobs));
+        let (old_days, new_days) = (prev.day_buckets(), blobs.day_buckets());
         if cold.live > old_days.len() {
             return Ok(fresh());
         }

@@ -13,7 +13,7 @@ use datafusion::datasource::MemTable;
 use lambda_batch::job::{BatchError, RunOptions, RunSummary, run};
 use lambda_batch::storage::{Location, S3Options};
 use lambda_core::decode::{decode_lines, value_at};
-use lambda_core::merge::{BatchRow, RowBlobs, Tier, Tile, features_at};
+use lambda_core::merge::{BatchRow, RowBlobs, Tile, features_at};
 use lambda_core::time::{DAY_MS, HOUR_MS, MINUTE_MS, served_range, tile_start};
 use lambda_core::{FeatureView, Value, sql};
 use lambda_gen::{GenConfig, generate};
@@ -158,7 +158,7 @@ async fn full_and_incremental_runs_agree_and_reruns_are_idempotent() {
             };
             let body = lambda_core::merge::row_body(&i.data).unwrap();
             let row = RowBlobs::parse(&body).unwrap();
-            let days = &row.tiers.iter().find(|t| t.0 == Tier::Day).unwrap().1;
+            let days = row.day_buckets();
             let cold_until = tile_start(d.end, lambda_core::Span::days(1))
                 - lambda_batch::job::COLD_AFTER_DAYS * DAY_MS;
             let fresh_cold = days.iter().filter(|x| x.0 < cold_until).count();

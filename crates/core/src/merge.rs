@@ -294,13 +294,11 @@ fn split_header(bytes: &[u8]) -> Result<SplitHeader<'_>, AggError> {
     })
 }
 
-/// The encoded size of one bucket in a row body.
-fn bucket_size(start: i64, end: i64, blob: &[u8]) -> usize {
-    let mut w = Writer::default();
-    w.i64(start);
+/// Writes one bucket of a row body: its start, its length, its states.
+fn put_bucket(w: &mut Writer, (start, end, blob): &EncodedBucket<'_>) {
+    w.i64(*start);
     w.i64(end - start);
-    w.u64(blob.len() as u64);
-    w.buf.len() + blob.len()
+    w.bytes(blob);
 }
 
 /// The body of an encoded batch row (what [`RowBlobs::parse`] reads), its compression undone.
@@ -399,11 +397,7 @@ impl<'a> RowBlobs<'a> {
             return self.encode();
         }
         let mut w = Writer::default();
-        for (start, end, blob) in &days[..n] {
-            w.i64(*start);
-            w.i64(end - start);
-            w.bytes(blob);
-        }
+        days[..n].iter().for_each(|b| put_bucket(&mut w, b));
         let cold = lz4_flex::block::compress_prepend_size(&w.buf);
         self.encode_with_cold(&cold, 0, n)
     }
@@ -418,10 +412,17 @@ impl<'a> RowBlobs<'a> {
     /// The bytes that `expired` buckets at the start of a cold block take (added to its skip when
     /// they leave the row).
     pub fn cold_skip(expired: &[EncodedBucket<'_>]) -> usize {
-        expired
+        let mut w = Writer::default();
+        expired.iter().for_each(|b| put_bucket(&mut w, b));
+        w.buf.len()
+    }
+
+    /// The day tier's buckets (none if the row has no day tier).
+    pub fn day_buckets(&self) -> &[EncodedBucket<'a>] {
+        self.tiers
             .iter()
-            .map(|(start, end, blob)| bucket_size(*start, *end, blob))
-            .sum()
+            .find(|t| t.0 == Tier::Day)
+            .map_or(&[], |t| t.1.as_slice())
     }
 
     /// The day tier's buckets, if it is the body's last tier (as [`row_tiers`] orders them).
@@ -432,10 +433,12 @@ impl<'a> RowBlobs<'a> {
         }
     }
 
+    /// The split encoding with `cold` as the block of the first `live` day buckets; the plain
+    /// encoding if the day tier is not the last, or has fewer buckets (a caller's bug).
     fn encode_with_cold(&self, cold: &[u8], skip: usize, live: usize) -> Vec<u8> {
-        let Some(days) = self.split_days() else {
+        if self.split_days().is_none_or(|days| live > days.len()) {
             return self.encode();
-        };
+        }
         // The body without the first `live` day buckets, and where they would be.
         let mut w = Writer::default();
         w.i64(self.cutoff_ms);
@@ -450,13 +453,8 @@ impl<'a> RowBlobs<'a> {
             } else {
                 0
             };
-            for (start, end, blob) in &buckets[from..] {
-                w.i64(*start);
-                w.i64(end - start);
-                w.bytes(blob);
-            }
+            buckets[from..].iter().for_each(|b| put_bucket(&mut w, b));
         }
-        debug_assert!(live <= days.len());
         let rest = lz4_flex::block::compress_prepend_size(&w.buf);
         let mut out = Writer::default();
         out.u8(BATCH_ROW_VERSION);
@@ -485,11 +483,7 @@ impl<'a> RowBlobs<'a> {
         for (tier, buckets) in &self.tiers {
             w.u8(tier_code(*tier));
             w.u64(buckets.len() as u64);
-            for (start, end, blob) in buckets {
-                w.i64(*start);
-                w.i64(end - start);
-                w.bytes(blob);
-            }
+            buckets.iter().for_each(|b| put_bucket(&mut w, b));
         }
         w.buf
     }

@@ -312,11 +312,6 @@ fn splicing_an_old_row_with_new_days_equals_building_the_row_anew() {
     assert_ne!(wrong, spliced);
 }
 
-/// The day tier's buckets of a row.
-fn day_buckets<'r, 'b>(row: &'r RowBlobs<'b>) -> &'r [lambda_core::merge::EncodedBucket<'b>] {
-    &row.tiers.iter().find(|t| t.0 == Tier::Day).unwrap().1
-}
-
 /// A row stored in two blocks reads exactly as the plain row, and keeps its cold block night
 /// after night: the buckets that leave the row are skipped, only the others are compressed.
 #[test]
@@ -334,7 +329,7 @@ fn rows_in_two_blocks_read_as_plain_rows_and_carry_their_cold_block() {
     assert_eq!(row_body(&split).unwrap(), body);
     assert_eq!(BatchRow::decode(&aggs, &split).unwrap(), row);
     let cold = cold_block(&split).unwrap().expect("a cold block");
-    let days = day_buckets(&blobs);
+    let days = blobs.day_buckets();
     let old_days = days.iter().filter(|b| b.0 < first - 7 * DAY_MS).count();
     assert_eq!((cold.skip, cold.live), (0, old_days));
     assert!(cold_block(&plain).unwrap().is_none());
@@ -349,7 +344,7 @@ fn rows_in_two_blocks_read_as_plain_rows_and_carry_their_cold_block() {
         let prev_body = row_body(&prev).unwrap();
         let prev_blobs = RowBlobs::parse(&prev_body).unwrap();
         let cold = cold_block(&prev).unwrap().unwrap();
-        let (prev_days, new_days) = (day_buckets(&prev_blobs), day_buckets(&fresh_blobs));
+        let (prev_days, new_days) = (prev_blobs.day_buckets(), fresh_blobs.day_buckets());
         let expired = prev_days[..cold.live]
             .iter()
             .take_while(|b| b.0 < new_days[0].0)
