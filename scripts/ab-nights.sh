@@ -5,7 +5,8 @@
 # Usage: scripts/ab-nights.sh BIN_A BIN_B [NIGHTS=8] [DATA_DIR=data/gen10m]
 #   e.g. cp "$CARGO_TARGET_DIR/release/lambda-batch" /tmp/before; (change, rebuild)
 #        scripts/ab-nights.sh /tmp/before "$CARGO_TARGET_DIR/release/lambda-batch"
-# Prints per binary: mean wall and CPU (user + sys) seconds, mean peak RSS, and every wall time.
+# Prints per binary: mean and median wall, mean CPU (user + sys) seconds, mean peak RSS, and every
+# wall time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { sed -n 2,8p "$0"; exit 2; }
@@ -30,9 +31,17 @@ for i in $(seq "$nights"); do
       --cutoff 2026-01-01 >/dev/null 2>&1
     echo "$k $(cat "$work/t")"
   done
-done | awk -v a="$1" -v b="$2" '
-  { w[$1] += $2; c[$1] += $3 + $4; m[$1] += $5; n[$1]++; all[$1] = all[$1] " " $2 }
-  END { name[0] = a; name[1] = b
-        for (k = 0; k <= 1; k++)
-          printf "%s: night %.3f s wall, %.3f s CPU, %.0f MB peak RSS  [%s ]\n",
-            name[k], w[k] / n[k], c[k] / n[k], m[k] / n[k] / 1024, all[k] }'
+done | python3 -c '
+import statistics, sys
+names, runs = sys.argv[1:3], {0: [], 1: []}
+for line in sys.stdin:
+    k, wall, user, sys_, rss = line.split()
+    runs[int(k)].append((float(wall), float(user) + float(sys_), int(rss)))
+for k in (0, 1):
+    r = runs[k]
+    walls = [x[0] for x in r]
+    # The median too: a shared machine adds a slow outlier now and then.
+    print(f"{names[k]}: night {statistics.mean(walls):.3f} s wall (median {statistics.median(walls):.3f}), "
+          f"{statistics.mean(x[1] for x in r):.3f} s CPU, {statistics.mean(x[2] for x in r) / 1024:.0f} MB peak RSS  "
+          "[ " + " ".join("%.2f" % w for w in walls) + " ]")
+' "$1" "$2"

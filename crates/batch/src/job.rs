@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, BinaryArray, BinaryBuilder, RecordBatch, StringBuilder,
+    Array, ArrayRef, BinaryArray, BinaryBuilder, RecordBatch, StringArray, StringBuilder,
     TimestampMillisecondBuilder,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -527,7 +527,7 @@ async fn day_partials(
     day: i64,
     tiers: &[(Tier, i64, i64)],
     store: &StoreTo,
-) -> Result<BTreeMap<Tier, Vec<RecordBatch>>, BatchError> {
+) -> Result<DayPartials, BatchError> {
     let q = |what: String| move |source| BatchError::Query { what, source };
     // Per-day table names, so several days can be computed at once in one session.
     let stamp = date_of(day).replace('-', "");
@@ -618,7 +618,7 @@ async fn partials_of_distinct(
     day: i64,
     tiers: &[(Tier, i64, i64)],
     store: &StoreTo,
-) -> Result<BTreeMap<Tier, Vec<RecordBatch>>, BatchError> {
+) -> Result<DayPartials, BatchError> {
     let mut check = spawn_query(
         ctx,
         sql::conflicting_ids_of_distinct(view, table),
@@ -642,16 +642,22 @@ async fn partials_of_distinct(
                 let mut query = query;
                 let batches = joined(&mut query.0).await?;
                 let parts = to_partial_batches(&batches, view.aggregations.len())?;
-                if tier != Tier::Tile {
-                    // Dropped unpassed: the day failed its check, and this task is aborted.
-                    if checked.wait_for(|ok| *ok).await.is_ok() {
-                        let rel = partial_rel(&view, tier, day);
-                        write_parquet(&store.offline, &rel, partial_schema(), &parts).await?;
-                        let inputs = inputs_rel(&view, tier, day);
-                        store.offline.put(&inputs, store.inputs).await?;
-                    }
-                }
-                Ok(parts)
+                // Written on a task of its own: the night goes on with the partials in memory
+                // while the file is encoded (the run awaits every write before its commit).
+                let write = (tier != Tier::Tile).then(|| {
+                    let parts = parts.clone();
+                    Aborting(tokio::spawn(async move {
+                        // Dropped unpassed: the day failed its check, and this task is aborted.
+                        if checked.wait_for(|ok| *ok).await.is_ok() {
+                            let rel = partial_rel(&view, tier, day);
+                            write_parquet(&store.offline, &rel, partial_schema(), &parts).await?;
+                            let inputs = inputs_rel(&view, tier, day);
+                            store.offline.put(&inputs, store.inputs).await?;
+                        }
+                        Ok(())
+                    }))
+                });
+                Ok((parts, write))
             })),
         ));
     }
@@ -673,11 +679,21 @@ async fn partials_of_distinct(
     }
     // The receivers outlive this send (their tasks are awaited below).
     let _ = passed.send(true);
-    let mut out = BTreeMap::new();
+    let mut out = DayPartials::default();
     for (tier, mut task) in queries {
-        out.insert(tier, joined(&mut task.0).await?);
+        let (parts, write) = joined(&mut task.0).await?;
+        out.parts.insert(tier, parts);
+        out.writes.extend(write);
     }
     Ok(out)
+}
+
+/// A day's computed partials, per tier, and the tasks storing them (awaited before the commit:
+/// a failed write fails the run).
+#[derive(Default)]
+struct DayPartials {
+    parts: BTreeMap<Tier, Vec<RecordBatch>>,
+    writes: Vec<Aborting<Result<(), BatchError>>>,
 }
 
 /// Converts query output (entity, bucket, one Binary per aggregation) into (entity, start, blob).
@@ -686,30 +702,48 @@ fn to_partial_batches(
     n_aggs: usize,
 ) -> Result<Vec<RecordBatch>, BatchError> {
     let mut out = Vec::new();
+    let mut blob = Vec::new();
     for b in batches {
-        let mut e = StringBuilder::new();
-        let mut s = TimestampMillisecondBuilder::new().with_timezone("UTC");
-        let mut st = BinaryBuilder::new();
+        let n = b.num_rows();
+        let mut e = StringBuilder::with_capacity(n, n * 8);
+        let mut s = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
         let cols: Vec<&BinaryArray> = (0..n_aggs)
             .map(|k| b.column(2 + k).as_any().downcast_ref::<BinaryArray>())
             .collect::<Option<_>>()
             .ok_or_else(|| BatchError::Config("state columns are not Binary".into()))?;
-        for i in 0..b.num_rows() {
-            let entity = match value_at(b.column(0).as_ref(), i) {
-                Ok(Value::Str(x)) => x,
-                Ok(Value::Int(x)) => x.to_string(),
-                other => return Err(BatchError::Config(format!("entity value {other:?}"))),
-            };
-            let Ok(Value::Timestamp(start)) = value_at(b.column(1).as_ref(), i) else {
-                return Err(BatchError::Config("bucket is not a timestamp".into()));
-            };
+        let state_bytes: usize = cols.iter().map(|c| c.value_data().len()).sum();
+        let mut st = BinaryBuilder::with_capacity(n, state_bytes);
+        // The usual column types read in place; others (an integer entity) through `value_at`.
+        let (entities, starts) = (
+            b.column(0).as_any().downcast_ref::<StringArray>(),
+            b.column(1)
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::TimestampMillisecondArray>(),
+        );
+        for i in 0..n {
+            match entities {
+                Some(a) if a.is_valid(i) => e.append_value(a.value(i)),
+                _ => match value_at(b.column(0).as_ref(), i) {
+                    Ok(Value::Str(x)) => e.append_value(x),
+                    Ok(Value::Int(x)) => e.append_value(x.to_string()),
+                    other => return Err(BatchError::Config(format!("entity value {other:?}"))),
+                },
+            }
+            match starts {
+                Some(a) if a.is_valid(i) => s.append_value(a.value(i)),
+                _ => {
+                    let Ok(Value::Timestamp(start)) = value_at(b.column(1).as_ref(), i) else {
+                        return Err(BatchError::Config("bucket is not a timestamp".into()));
+                    };
+                    s.append_value(start);
+                }
+            }
             // One blob per bucket: version byte once, then the states (see `encode_states`).
-            let mut blob = vec![lambda_core::agg::STATE_FORMAT_VERSION];
+            blob.clear();
+            blob.push(lambda_core::agg::STATE_FORMAT_VERSION);
             for c in &cols {
                 blob.extend_from_slice(&c.value(i)[1..]);
             }
-            e.append_value(&entity);
-            s.append_value(start);
             st.append_value(&blob);
         }
         let arrays: Vec<ArrayRef> = vec![
@@ -862,6 +896,8 @@ struct ComputedDay {
     dir_url: String,
     /// Per tier, the partials (entity, start, states).
     parts: BTreeMap<Tier, Vec<RecordBatch>>,
+    /// The tasks storing them.
+    writes: Vec<Aborting<Result<(), BatchError>>>,
 }
 
 /// Computes the planned tiers of one day (none: `None`, every tier reused) and stores its day and
@@ -881,7 +917,7 @@ async fn compute_day(
         offline: opts.offline.clone(),
         inputs: plan.inputs,
     };
-    let parts = if bytes > 0 {
+    let DayPartials { parts, writes } = if bytes > 0 {
         // Stores each tier's file as soon as it is computed.
         day_partials(day_ctx, view, &dir_url, day, &plan.todo, &store).await?
     } else {
@@ -894,7 +930,10 @@ async fn compute_day(
             let inputs = inputs_rel(view, *tier, day);
             store.offline.put(&inputs, store.inputs.clone()).await?;
         }
-        parts
+        DayPartials {
+            parts,
+            writes: Vec::new(),
+        }
     };
     // The computed partials are used from memory (the stored files are the same rows).
     Ok((
@@ -904,6 +943,7 @@ async fn compute_day(
             bytes,
             dir_url,
             parts,
+            writes,
         }),
     ))
 }
@@ -1180,6 +1220,7 @@ pub async fn run(
     //    day on a rebuild), in day order. Meanwhile (4.) find the entities whose features may
     //    have moved without a change of their own data (a bucket of theirs left a window) and
     //    read their previous rows.
+    let mut partial_writes = Vec::new();
     let gather = async {
         let mut n = 0;
         while let Some(result) = computed.next().await {
@@ -1192,7 +1233,9 @@ pub async fn run(
                     bytes: b,
                     dir_url,
                     parts,
+                    writes,
                 }) => {
+                    partial_writes.extend(writes);
                     summary.rows_in += r;
                     summary.bytes_in += b;
                     if b > 0 {
@@ -1394,6 +1437,9 @@ pub async fn run(
         None => encode_features(view, &features_url, &feature_rows)?,
     };
     opts.offline.put(&features_rel, parquet).await?;
+    for mut write in partial_writes {
+        joined(&mut write.0).await?;
+    }
     tracing::info!(view = %view.name, elapsed_s = started.elapsed().as_secs_f64(), "Offline features written.");
     // Only now does the online view reflect this run: the next one builds on it.
     commit_night(
