@@ -212,6 +212,10 @@ impl GroupsAccumulator for StateGroups {
             .as_any()
             .downcast_ref::<TimestampMillisecondArray>();
         let id_arr = values[base + 1].as_any().downcast_ref::<StringArray>();
+        let strs = match has_input {
+            true => values[0].as_any().downcast_ref::<StringArray>(),
+            false => None,
+        };
         for (i, g) in group_indices.iter().enumerate() {
             if !selected(opt_filter, i) {
                 continue;
@@ -230,12 +234,18 @@ impl GroupsAccumulator for StateGroups {
                     (t, owned.as_str())
                 }
             };
+            let state = &mut self.chunks[*g / CHUNK][*g % CHUNK];
+            if let Some(strs) = strs {
+                // Strings borrowed from the array (copied only into a state that keeps one).
+                let v = strs.is_valid(i).then(|| strs.value(i));
+                self.agg.apply_str(state, v, ts, id);
+                continue;
+            }
             self.row.clear();
             if has_input {
                 self.row
                     .push(value_at(values[0].as_ref(), i).map_err(exec)?);
             }
-            let state = &mut self.chunks[*g / CHUNK][*g % CHUNK];
             self.agg.apply(state, &self.row, ts, id);
         }
         Ok(())

@@ -330,12 +330,13 @@ pub enum AggState {
         /// Sum of squared deviations from the mean.
         m2: f64,
     },
-    /// Exact distinct set.
-    Distinct(DistinctSet),
+    /// Exact distinct set (boxed, like `Last`: the common states stay 48 bytes, and the batch
+    /// job's DataFusion groups hold one state per group and aggregation).
+    Distinct(Box<DistinctSet>),
     /// Approximate distinct sketch.
     Sketch(Hll),
     /// `last_value`: (event time, event id, value) of the latest non-NULL value.
-    Last(Option<(i64, String, Value)>),
+    Last(Option<Box<(i64, String, Value)>>),
 }
 
 /// One validated aggregation of a feature view: what to compute over which column, for which rows.
@@ -372,7 +373,7 @@ impl Aggregation {
                 mean: 0.0,
                 m2: 0.0,
             },
-            CountDistinct => AggState::Distinct(DistinctSet::default()),
+            CountDistinct => AggState::Distinct(Box::default()),
             ApproxCountDistinct => AggState::Sketch(Hll::default()),
             LastValue => AggState::Last(None),
         }
@@ -461,14 +462,68 @@ impl Aggregation {
             (AggState::Last(cur), v) => {
                 let newer = match cur {
                     None => true,
-                    Some((t, id, _)) => (event_time, event_id) > (*t, id.as_str()),
+                    Some(last) => (event_time, event_id) > (last.0, last.1.as_str()),
                 };
                 if newer {
-                    *cur = Some((event_time, event_id.to_string(), v.clone()));
+                    *cur = Some(Box::new((event_time, event_id.to_string(), v.clone())));
                 }
             }
             // A value of another type than the column's cannot come out of the decoder.
             _ => {}
+        }
+    }
+
+    /// [`Aggregation::apply`] of a row whose input is the string `v` (`None`: NULL), borrowed:
+    /// a `count_distinct` or `min`/`max` state copies the string only when it keeps it (the
+    /// batch job's state functions read strings straight from Arrow arrays).
+    #[inline]
+    pub fn apply_str(
+        &self,
+        state: &mut AggState,
+        v: Option<&str>,
+        event_time: i64,
+        event_id: &str,
+    ) {
+        let Some(v) = v else {
+            return self.apply_value(state, Value::Null, event_time, event_id);
+        };
+        match state {
+            AggState::Distinct(set) => {
+                if !set.strs.contains(v) {
+                    set.strs.insert(v.into());
+                }
+            }
+            AggState::Extreme(cur) => {
+                let beats = match cur {
+                    None => true,
+                    Some(Value::Str(c)) => {
+                        let ord = v.cmp(c.as_str());
+                        if self.function == AggFunction::Min {
+                            ord.is_lt()
+                        } else {
+                            ord.is_gt()
+                        }
+                    }
+                    Some(c) => self.beats(&Value::Str(v.to_string()), Some(c)),
+                };
+                if beats {
+                    *cur = Some(Value::Str(v.to_string()));
+                }
+            }
+            _ => self.apply_value(state, Value::Str(v.to_string()), event_time, event_id),
+        }
+    }
+
+    /// [`Aggregation::apply`] of a row whose input is `v`.
+    fn apply_value(&self, state: &mut AggState, v: Value, event_time: i64, event_id: &str) {
+        match self.input {
+            None => self.apply(state, &[], event_time, event_id),
+            Some(0) => self.apply(state, std::slice::from_ref(&v), event_time, event_id),
+            Some(i) => {
+                let mut row = vec![Value::Null; i + 1];
+                row[i] = v;
+                self.apply(state, &row, event_time, event_id);
+            }
         }
     }
 
@@ -503,7 +558,7 @@ impl Aggregation {
             (AggState::Last(a), AggState::Last(Some(b))) => {
                 let newer = match a {
                     None => true,
-                    Some((t, id, _)) => (b.0, b.1.as_str()) > (*t, id.as_str()),
+                    Some(last) => (b.0, b.1.as_str()) > (last.0, last.1.as_str()),
                 };
                 if newer {
                     *a = Some(b.clone());
@@ -584,7 +639,7 @@ impl Aggregation {
             (CountDistinct, AggState::Distinct(s)) => Value::Int(s.len() as i64),
             (ApproxCountDistinct, AggState::Sketch(h)) => Value::Int(h.estimate() as i64),
             (LastValue, AggState::Last(v)) => {
-                v.as_ref().map(|(_, _, v)| v.clone()).unwrap_or(Value::Null)
+                v.as_ref().map(|last| last.2.clone()).unwrap_or(Value::Null)
             }
             _ => return Err(overflow()),
         })
@@ -652,7 +707,8 @@ impl Aggregation {
                 w.u8(b'l');
                 match v {
                     None => w.u8(0),
-                    Some((t, id, v)) => {
+                    Some(last) => {
+                        let (t, id, v) = &**last;
                         w.u8(1);
                         w.i64(*t);
                         w.bytes(id.as_bytes());
@@ -711,7 +767,7 @@ impl Aggregation {
                             "repeated value in a distinct set".into(),
                         ));
                     }
-                    AggState::Distinct(set)
+                    AggState::Distinct(Box::new(set))
                 }
                 b'h' => AggState::Sketch(Hll::decode(r)?),
                 b'l' => match r.u8()? {
@@ -722,7 +778,7 @@ impl Aggregation {
                         let v = decode_opt_value(r, self.input_type)?.ok_or_else(|| {
                             CodecError::Corrupt("last_value without a value".into())
                         })?;
-                        AggState::Last(Some((t, id, v)))
+                        AggState::Last(Some(Box::new((t, id, v))))
                     }
                 },
                 t => return Err(CodecError::Corrupt(format!("unknown state tag {t}"))),
