@@ -40,6 +40,7 @@ use lambda_core::merge::{
     BatchRow, RowBlobs, Tier, compact_row, encoded_row_features_at, row_body, row_tiers,
     splice_row, tier_reach,
 };
+use lambda_core::agg::FastHash;
 use lambda_core::time::{DAY_MS, format_ts, tile_start};
 use lambda_core::{FeatureView, Value, sql};
 use lambda_store::{Item, ItemKey, OnlineStore, StoreError};
@@ -191,10 +192,14 @@ const DAYS_AT_ONCE: usize = 2;
 /// (tier, bucket start, array, row): the encoded states are `arrays[array].value(row)` of the
 /// [`EntityPartials`] (read files stay in their Arrow buffers, nothing is copied per partial).
 type PartialBlob = (Tier, i64, u32, u32);
+/// A map by entity, hashed with foldhash (std's SipHash was a visible part of the serial
+/// bookkeeping between a night's first phase and its row build).
+type EntityMap<V> = HashMap<String, V, FastHash>;
+
 /// Per entity: every partial its batch row needs.
 #[derive(Default)]
 struct EntityPartials {
-    by_entity: HashMap<String, Vec<PartialBlob>>,
+    by_entity: EntityMap<Vec<PartialBlob>>,
     arrays: Vec<BinaryArray>,
 }
 
@@ -219,7 +224,7 @@ struct RowBuild<'a> {
     /// The partial states' arrays that [`PartialBlob`]s point into.
     arrays: &'a [BinaryArray],
     /// Previous rows by entity (empty on a rebuild).
-    old: &'a HashMap<String, Vec<u8>>,
+    old: &'a EntityMap<Vec<u8>>,
     is_rebuild: bool,
     compact_over: usize,
     /// The rows' expiry, in seconds since the epoch.
@@ -1304,7 +1309,7 @@ pub async fn run(
         let rows = if rebuild.is_none() {
             previous_rows(store, view, leaving.iter().map(String::as_str)).await?
         } else {
-            HashMap::new()
+            EntityMap::default()
         };
         Ok::<_, BatchError>((leaving, rows))
     };
@@ -1316,7 +1321,7 @@ pub async fn run(
     // 5. Rows of the changed entities (their previous rows spliced with their new days, without
     //    decoding a state), and features for them and the leaving ones.
     // Compacted rows are rewritten every night (their validity is short), from their full rows.
-    let mut full_prev: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut full_prev: EntityMap<Vec<u8>> = EntityMap::default();
     if rebuild.is_none()
         && let Some(prev) = &committed
         && let Some(rel) = &prev.full_rows
@@ -1327,27 +1332,34 @@ pub async fn run(
         }
     }
     let arrays = &rows.arrays;
-    let mut changed_rows: Vec<(String, Vec<PartialBlob>)> = rows.by_entity.into_iter().collect();
-    changed_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let only_leaving: Vec<String> = {
-        let changed_set: BTreeSet<&str> = changed_rows.iter().map(|r| r.0.as_str()).collect();
-        leaving
-            .iter()
-            .filter(|e| !changed_set.contains(e.as_str()))
+    // Previous rows of the changed entities (to splice; the leaving ones' are read), read while
+    // the lists below are made. A rebuild starts from nothing.
+    let missing: Vec<String> = match rebuild {
+        None => (rows.by_entity.keys())
+            .filter(|e| !old.contains_key(e.as_str()))
             .cloned()
-            .collect()
+            .collect(),
+        Some(_) => Vec::new(),
     };
-    // Previous rows of the changed entities (to splice; the leaving ones' are read). A rebuild
-    // starts from nothing.
-    if rebuild.is_none() {
-        let missing = changed_rows
-            .iter()
-            .map(|r| r.0.as_str())
-            .filter(|e| !old.contains_key(*e));
-        let more = previous_rows(store, view, missing).await?;
-        old.extend(more);
-        old.extend(full_prev);
-    }
+    let reading = previous_rows(store, view, missing.iter().map(String::as_str));
+    let by_entity = rows.by_entity;
+    let lists = async {
+        let mut changed_rows: Vec<(String, Vec<PartialBlob>)> = by_entity.into_iter().collect();
+        changed_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let only_leaving: Vec<String> = {
+            let changed_set: std::collections::HashSet<&str, FastHash> =
+                changed_rows.iter().map(|r| r.0.as_str()).collect();
+            leaving
+                .iter()
+                .filter(|e| !changed_set.contains(e.as_str()))
+                .cloned()
+                .collect()
+        };
+        (changed_rows, only_leaving)
+    };
+    let (more, (changed_rows, only_leaving)) = tokio::join!(reading, lists);
+    old.extend(more?);
+    old.extend(full_prev);
     tracing::info!(view = %view.name, changed = changed_rows.len(), leaving = only_leaving.len(), previous_rows = old.len(), elapsed_s = started.elapsed().as_secs_f64(), "Previous rows read.");
     let max_reach = row_tiers(view)
         .into_iter()
@@ -1463,9 +1475,9 @@ async fn previous_rows(
     store: &dyn OnlineStore,
     view: &FeatureView,
     entities: impl Iterator<Item = &str>,
-) -> Result<HashMap<String, Vec<u8>>, BatchError> {
+) -> Result<EntityMap<Vec<u8>>, BatchError> {
     let entities: Vec<&str> = entities.collect();
-    let mut out = HashMap::with_capacity(entities.len());
+    let mut out = EntityMap::with_capacity_and_hasher(entities.len(), FastHash::default());
     // A few chunks at once: the embedded store reads each on a thread of its own.
     let mut chunks = futures::stream::iter(entities.chunks(READ_CHUNK).map(|chunk| async move {
         let keys: Vec<ItemKey> = chunk
@@ -1606,7 +1618,7 @@ struct Commit {
 async fn read_full_rows(
     offline: &Location,
     rel: &str,
-) -> Result<HashMap<String, Vec<u8>>, BatchError> {
+) -> Result<EntityMap<Vec<u8>>, BatchError> {
     let bad = |message: String| BatchError::Parquet {
         url: offline.url_of(rel),
         message,
@@ -1616,7 +1628,7 @@ async fn read_full_rows(
     };
     let mut r = lambda_core::codec::Reader::new(&data);
     let n = r.u64().map_err(|e| bad(e.to_string()))?;
-    let mut out = HashMap::new();
+    let mut out = EntityMap::default();
     for _ in 0..n {
         let e = r.str().map_err(|e| bad(e.to_string()))?.to_string();
         let row = r.bytes().map_err(|e| bad(e.to_string()))?.to_vec();
