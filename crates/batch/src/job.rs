@@ -35,12 +35,12 @@ use datafusion::parquet::arrow::parquet_to_arrow_schema;
 use datafusion::parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
+use lambda_core::agg::FastHash;
 use lambda_core::decode::{arrow_schema, value_at};
 use lambda_core::merge::{
     BatchRow, RowBlobs, Tier, compact_row, encoded_row_features_at, row_body, row_tiers,
     splice_row, tier_reach,
 };
-use lambda_core::agg::FastHash;
 use lambda_core::time::{DAY_MS, format_ts, tile_start};
 use lambda_core::{FeatureView, Value, sql};
 use lambda_store::{Item, ItemKey, OnlineStore, StoreError};
@@ -1615,10 +1615,7 @@ struct Commit {
 }
 
 /// Reads a full-rows file written by [`run`]: (entity, full encoded row) pairs.
-async fn read_full_rows(
-    offline: &Location,
-    rel: &str,
-) -> Result<EntityMap<Vec<u8>>, BatchError> {
+async fn read_full_rows(offline: &Location, rel: &str) -> Result<EntityMap<Vec<u8>>, BatchError> {
     let bad = |message: String| BatchError::Parquet {
         url: offline.url_of(rel),
         message,

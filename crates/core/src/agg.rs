@@ -975,6 +975,14 @@ pub struct DistinctRef<'a> {
 }
 
 impl<'a> DistinctRef<'a> {
+    /// An empty set with room for `strings` strings.
+    pub fn with_capacity(strings: usize) -> Self {
+        DistinctRef {
+            strs: HashSet::with_capacity_and_hasher(strings, FastHash::default()),
+            ..Default::default()
+        }
+    }
+
     /// Adds the values of an encoded distinct state of aggregation `agg` (read from `r`).
     pub fn merge_encoded(&mut self, agg: &Aggregation, r: &mut Reader<'a>) -> Result<(), AggError> {
         read_encoded_distinct(agg, r, |v| {

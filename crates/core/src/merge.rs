@@ -683,7 +683,9 @@ pub fn encoded_row_features_at(
                 .get(j)
                 .map_or(i64::MIN, |w| served_range(t_ms, w.0).0)
         };
-        let mut states: Vec<Acc<'_>> = aggs.iter().map(Acc::new).collect();
+        // Distinct sets sized for about two values a bucket up front (growing a set rehashes it).
+        let hint = (buckets.len() * 2).min(4096);
+        let mut states: Vec<Acc<'_>> = aggs.iter().map(|a| Acc::new(a, hint)).collect();
         let mut next = vec![0usize; aggs.len()];
         let mut until: Vec<i64> = (0..aggs.len()).map(|k| start(k, 0)).collect();
         for (s, e, blob) in buckets.iter().rev() {
@@ -749,10 +751,12 @@ enum Acc<'a> {
 }
 
 impl<'a> Acc<'a> {
-    fn new(agg: &Aggregation) -> Acc<'a> {
-        match agg.empty() {
-            AggState::Distinct(_) => Acc::Distinct(Default::default()),
-            s => Acc::State(s),
+    fn new(agg: &Aggregation, distinct_hint: usize) -> Acc<'a> {
+        match agg.function {
+            crate::AggFunction::CountDistinct => {
+                Acc::Distinct(crate::agg::DistinctRef::with_capacity(distinct_hint))
+            }
+            _ => Acc::State(agg.empty()),
         }
     }
     fn merge_encoded(&mut self, agg: &Aggregation, r: &mut Reader<'a>) -> Result<(), AggError> {
