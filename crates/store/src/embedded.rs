@@ -566,10 +566,15 @@ impl EmbeddedStore {
                 end = end.max(next_end);
                 n += 1;
             }
-            buf.resize((end - start) as usize, 0);
+            // The buffer only grows (zeroing it to each run's length cost as much as the reads).
+            let len = (end - start) as usize;
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            let buf = &mut buf[..len];
             self.segments
                 .file(segment)
-                .and_then(|f| f.read_exact_at(&mut buf, start))
+                .and_then(|f| f.read_exact_at(buf, start))
                 .map_err(|e| StoreError::Embedded {
                     path: self.segments.path(segment).display().to_string(),
                     source: redb::Error::Io(e),
