@@ -716,7 +716,15 @@ fn to_partial_batches(
             .map(|k| b.column(2 + k).as_any().downcast_ref::<BinaryArray>())
             .collect::<Option<_>>()
             .ok_or_else(|| BatchError::Config("state columns are not Binary".into()))?;
-        let state_bytes: usize = cols.iter().map(|c| c.value_data().len()).sum();
+        // The bytes of this batch's states (the arrays may be slices of a larger output).
+        let state_bytes: usize = (cols.iter())
+            .map(
+                |c| match (c.value_offsets().first(), c.value_offsets().last()) {
+                    (Some(a), Some(z)) => (*z - *a).max(0) as usize,
+                    _ => 0,
+                },
+            )
+            .sum();
         let mut st = BinaryBuilder::with_capacity(n, state_bytes);
         // The usual column types read in place; others (an integer entity) through `value_at`.
         let (entities, starts) = (
