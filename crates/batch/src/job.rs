@@ -596,6 +596,14 @@ fn spawn_query(
     }))
 }
 
+/// Runs `work` on a task of its own (aborted if this future is dropped) and returns its result.
+async fn on_own_task<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, BatchError>> + Send + 'static,
+) -> Result<T, BatchError> {
+    let mut task = Aborting(tokio::spawn(work));
+    joined(&mut task.0).await
+}
+
 /// The result of a task spawned by the job (a task that panicked is an error, not a panic).
 async fn joined<T>(
     task: &mut tokio::task::JoinHandle<Result<T, BatchError>>,
@@ -1175,12 +1183,7 @@ pub async fn run(
     //    Each on a task of its own: parsing the stored inputs is work for both cores.
     let plans: Vec<DayPlan> = futures::stream::iter(days.iter().map(|d| {
         let (opts, needs, d) = (opts.clone(), needs.clone(), *d);
-        async move {
-            let mut task = Aborting(tokio::spawn(
-                async move { plan_day(&opts, &needs, d).await },
-            ));
-            joined(&mut task.0).await
-        }
+        on_own_task(async move { plan_day(&opts, &needs, d).await })
     }))
     .buffered(16)
     .collect::<Vec<_>>()
@@ -1221,12 +1224,7 @@ pub async fn run(
     // entities' reads below do not wait for a day's deduplication to yield).
     let mut computed = futures::stream::iter(plans.into_iter().map(|plan| {
         let (ctx, opts) = (day_ctx.clone(), opts.clone());
-        async move {
-            let mut task = Aborting(tokio::spawn(
-                async move { compute_day(&ctx, &opts, plan).await },
-            ));
-            joined(&mut task.0).await
-        }
+        on_own_task(async move { compute_day(&ctx, &opts, plan).await })
     }))
     .buffered(DAYS_AT_ONCE);
     // 3. Gather the partials of the days that changed since the committed batch view (every

@@ -142,17 +142,21 @@ impl StateGroups {
     }
     fn grow(&mut self, total: usize) {
         while self.len < total {
-            if self.len.is_multiple_of(CHUNK) {
-                self.chunks.push(Vec::with_capacity(CHUNK));
-            }
-            let Some(last) = self.chunks.last_mut() else {
-                return; // unreachable: a chunk was just pushed if none had room
-            };
-            let n = (CHUNK - last.len()).min(total - self.len);
-            let agg = &self.agg;
-            last.extend(std::iter::repeat_with(|| agg.empty()).take(n));
-            self.len += n;
+            let empty = self.agg.empty();
+            self.push(empty);
         }
+    }
+    /// Adds a group's state after the last, in a new chunk when the last is full.
+    fn push(&mut self, state: AggState) {
+        match self.chunks.last_mut() {
+            Some(last) if last.len() < CHUNK => last.push(state),
+            _ => {
+                let mut chunk = Vec::with_capacity(CHUNK);
+                chunk.push(state);
+                self.chunks.push(chunk);
+            }
+        }
+        self.len += 1;
     }
     fn emit(&mut self, emit_to: EmitTo) -> ArrayRef {
         let n = match emit_to {
@@ -174,13 +178,7 @@ impl StateGroups {
             .collect();
         self.len = 0;
         for st in rest {
-            if self.len.is_multiple_of(CHUNK) {
-                self.chunks.push(Vec::with_capacity(CHUNK));
-            }
-            if let Some(last) = self.chunks.last_mut() {
-                last.push(st);
-                self.len += 1;
-            }
+            self.push(st);
         }
         Arc::new(b.finish())
     }

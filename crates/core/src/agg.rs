@@ -249,17 +249,20 @@ impl DistinctSet {
     pub fn insert(&mut self, v: &Value) {
         match v {
             Value::Null => {}
-            Value::Str(s) => {
-                if !self.strs.contains(s.as_str()) {
-                    self.strs.insert(s.as_str().into());
-                }
-            }
+            Value::Str(s) => self.insert_str(s),
             Value::Bool(b) => self.bools[*b as usize] = true,
             other => {
                 if let Some(DistinctKey::Num(n)) = DistinctKey::of(other) {
                     self.nums.insert(n);
                 }
             }
+        }
+    }
+    /// Adds a string, allocating only when it is new.
+    #[inline]
+    pub fn insert_str(&mut self, s: &str) {
+        if !self.strs.contains(s) {
+            self.strs.insert(s.into());
         }
     }
     /// Union with `other`.
@@ -383,14 +386,17 @@ impl Aggregation {
     fn beats(&self, candidate: &Value, current: Option<&Value>) -> bool {
         match current {
             None => true,
-            Some(c) => {
-                let ord = candidate.total_cmp(c);
-                if self.function == AggFunction::Min {
-                    ord.is_lt()
-                } else {
-                    ord.is_gt()
-                }
-            }
+            Some(c) => self.prefers(candidate.total_cmp(c)),
+        }
+    }
+
+    /// For `min` / `max`: whether a candidate that compares `ord` to the extreme so far replaces it.
+    #[inline]
+    fn prefers(&self, ord: std::cmp::Ordering) -> bool {
+        if self.function == AggFunction::Min {
+            ord.is_lt()
+        } else {
+            ord.is_gt()
         }
     }
 
@@ -405,11 +411,7 @@ impl Aggregation {
             | (Value::Timestamp(x), Some(Value::Timestamp(y))) => x.cmp(y),
             (c, Some(cur)) => return self.beats(c, Some(cur)),
         };
-        if self.function == AggFunction::Min {
-            ord.is_lt()
-        } else {
-            ord.is_gt()
-        }
+        self.prefers(ord)
     }
 
     fn scale(&self) -> u8 {
@@ -506,22 +508,11 @@ impl Aggregation {
             return self.apply_value(state, Value::Null, event_time, event_id);
         };
         match state {
-            AggState::Distinct(set) => {
-                if !set.strs.contains(v) {
-                    set.strs.insert(v.into());
-                }
-            }
+            AggState::Distinct(set) => set.insert_str(v),
             AggState::Extreme(cur) => {
                 let beats = match cur {
                     None => true,
-                    Some(Value::Str(c)) => {
-                        let ord = v.cmp(c.as_str());
-                        if self.function == AggFunction::Min {
-                            ord.is_lt()
-                        } else {
-                            ord.is_gt()
-                        }
-                    }
+                    Some(Value::Str(c)) => self.prefers(v.cmp(c.as_str())),
                     Some(c) => self.beats(&Value::Str(v.to_string()), Some(c)),
                 };
                 if beats {
@@ -823,9 +814,7 @@ impl Aggregation {
                     DistinctItem::Str(b) => {
                         let s = std::str::from_utf8(b)
                             .map_err(|_| CodecError::Corrupt("invalid UTF-8".into()))?;
-                        if !set.strs.contains(s) {
-                            set.strs.insert(s.into());
-                        }
+                        set.insert_str(s);
                     }
                     DistinctItem::Bool(b) => set.bools[b as usize] = true,
                 }
