@@ -38,8 +38,8 @@ use futures::StreamExt;
 use lambda_core::agg::FastHash;
 use lambda_core::decode::{arrow_schema, value_at};
 use lambda_core::merge::{
-    BatchRow, RowBlobs, Tier, compact_row, encoded_row_features_at, row_body, row_tiers,
-    splice_row, tier_reach,
+    RowBlobs, Tier, compact_blobs, encoded_row_features_at, row_body, row_tiers, splice_row,
+    tier_reach,
 };
 use lambda_core::time::{DAY_MS, format_ts, tile_start};
 use lambda_core::{FeatureView, Value, sql};
@@ -343,8 +343,7 @@ impl RowBuild<'_> {
         let old = self.old.get(entity).map(Vec::as_slice);
         let data = self.encode(&blobs, old, prev.as_ref())?;
         let (data, full) = if data.len() > self.compact_over {
-            let row = BatchRow::decode(&self.aggs, &data)?;
-            (compact_row(view, &row).encode(&self.aggs), Some(data))
+            (compact_blobs(view, &self.aggs, &blobs)?, Some(data))
         } else {
             (data, None)
         };
@@ -558,6 +557,7 @@ async fn day_partials(
         .map_err(q(what.clone()));
     ctx.deregister_table(raw.as_str()).ok();
     let rows = rows?;
+    tracing::debug!(day = %date_of(day), "Day deduplicated.");
     let schema = rows
         .first()
         .map_or_else(|| arrow_schema(&view.source), |b| b.schema());
@@ -654,6 +654,8 @@ async fn partials_of_distinct(
             Aborting(tokio::spawn(async move {
                 let mut query = query;
                 let batches = joined(&mut query.0).await?;
+                let groups: usize = batches.iter().map(RecordBatch::num_rows).sum();
+                tracing::debug!(tier = tier.name(), day = %date_of(day), groups, "Tier query done.");
                 let parts = to_partial_batches(&batches, view.aggregations.len())?;
                 // Written on a task of its own: the night goes on with the partials in memory
                 // while the file is encoded (the run awaits every write before its commit).

@@ -1140,6 +1140,33 @@ pub fn encode_states(aggs: &[Aggregation], states: &[AggState]) -> Vec<u8> {
 
 /// Decodes a blob written by [`encode_states`] for the same aggregations.
 pub fn decode_states(aggs: &[Aggregation], bytes: &[u8]) -> Result<Vec<AggState>, AggError> {
+    read_states(bytes, |r| {
+        aggs.iter()
+            .map(|a| a.decode(r))
+            .collect::<Result<Vec<_>, _>>()
+    })
+}
+
+/// Merges a blob written by [`encode_states`] into `states` (as decoding it and [`merge_all`],
+/// through [`Aggregation::merge_encoded`]: nothing is built for the blob's own states).
+pub fn merge_encoded_states(
+    aggs: &[Aggregation],
+    states: &mut [AggState],
+    bytes: &[u8],
+) -> Result<(), AggError> {
+    read_states(bytes, |r| {
+        aggs.iter()
+            .zip(states.iter_mut())
+            .try_for_each(|(a, s)| a.merge_encoded(s, r))
+    })
+}
+
+/// Reads a blob written by [`encode_states`]: checks its version, lets `read` take the states,
+/// and checks nothing follows them.
+fn read_states<T>(
+    bytes: &[u8],
+    read: impl FnOnce(&mut Reader<'_>) -> Result<T, AggError>,
+) -> Result<T, AggError> {
     let mut r = Reader::new(bytes);
     let err = |source| AggError::Codec {
         aggregation: "(header)".into(),
@@ -1149,16 +1176,13 @@ pub fn decode_states(aggs: &[Aggregation], bytes: &[u8]) -> Result<Vec<AggState>
     if v != STATE_FORMAT_VERSION {
         return Err(err(CodecError::UnknownVersion(v, STATE_FORMAT_VERSION)));
     }
-    let states = aggs
-        .iter()
-        .map(|a| a.decode(&mut r))
-        .collect::<Result<Vec<_>, _>>()?;
+    let out = read(&mut r)?;
     if !r.is_empty() {
         return Err(err(CodecError::Corrupt(
             "trailing bytes after the last state".into(),
         )));
     }
-    Ok(states)
+    Ok(out)
 }
 
 /// Helper for the common pattern: a fresh state for every aggregation of a view.

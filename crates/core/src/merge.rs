@@ -18,7 +18,9 @@
 //! Each row carries its own cutoff, so a lookup while an upload is half done never mixes versions
 //! inside one entity.
 
-use crate::agg::{AggError, AggState, Aggregation, decode_states, encode_states, merge_all};
+use crate::agg::{
+    AggError, AggState, Aggregation, decode_states, encode_states, merge_all, merge_encoded_states,
+};
 use crate::codec::{CodecError, Reader, Writer};
 use crate::spec::FeatureView;
 use crate::time::{Span, format_ts, hop, served_range};
@@ -862,40 +864,26 @@ fn stale(row: &BatchRow, t_ms: i64) -> MergeError {
 /// boundary crosses during [`COMPACT_VALIDITY`] after the cutoff are merged into one per run, so
 /// the row serves exactly until `cutoff + COMPACT_VALIDITY` and refuses ([`MergeError::Stale`])
 /// after it. The buckets each window drops while the row is valid stay single. The nightly job
-/// keeps the full row offline and rewrites a compacted row every night.
+/// keeps the full row offline and rewrites a compacted row every night (from the encoded row:
+/// [`compact_blobs`]).
 pub fn compact_row(view: &FeatureView, row: &BatchRow) -> BatchRow {
     let aggs = view.aggs();
-    let c = row.cutoff_ms;
-    let v = COMPACT_VALIDITY.millis();
     let tiers = row
         .tiers
         .iter()
         .map(|t| {
-            // Window starts move through [c − W, c − W + V] while the row is valid.
-            let zones: Vec<(i64, i64)> = distinct_windows(view)
+            let spans: Vec<(i64, i64)> = t.buckets.iter().map(|b| (b.0, b.1)).collect();
+            let buckets = compaction_runs(view, t.tier, row.cutoff_ms, &spans)
                 .into_iter()
-                .filter(|w| Tier::of_window(*w) == t.tier)
-                .map(|w| (c - w.millis(), c - w.millis() + v))
+                .map(|run| {
+                    let (s, e) = (spans[run.start].0, spans[run.end - 1].1);
+                    let mut states = t.buckets[run.start].2.clone();
+                    for b in &t.buckets[run.start + 1..run.end] {
+                        merge_all(&aggs, &mut states, &b.2);
+                    }
+                    (s, e, states)
+                })
                 .collect();
-            let single = |s: i64| zones.iter().any(|(a, b)| s >= *a && s < *b);
-            // A merged run [from, to) must not contain a window start strictly inside it.
-            let crosses = |from: i64, to: i64| zones.iter().any(|(a, b)| *a < to && *b > from);
-            let mut buckets: Vec<(i64, i64, Vec<AggState>)> = Vec::new();
-            let mut run_open = false;
-            for (s, e, states) in &t.buckets {
-                let run_start = buckets.last().map_or(*s, |l| l.0);
-                if single(*s) {
-                    buckets.push((*s, *e, states.clone()));
-                    run_open = false;
-                } else if run_open && !crosses(run_start, *e) {
-                    let last = buckets.last_mut().expect("an open run has a bucket");
-                    last.1 = *e;
-                    merge_all(&aggs, &mut last.2, states);
-                } else {
-                    buckets.push((*s, *e, states.clone()));
-                    run_open = true;
-                }
-            }
             TierBuckets {
                 tier: t.tier,
                 buckets,
@@ -903,7 +891,97 @@ pub fn compact_row(view: &FeatureView, row: &BatchRow) -> BatchRow {
         })
         .collect();
     BatchRow {
-        cutoff_ms: c,
+        cutoff_ms: row.cutoff_ms,
         tiers,
     }
+}
+
+/// [`compact_row`] of an encoded row, encoded (`compact_row(view, &decoded).encode(aggs)`): the
+/// buckets that stay single are copied as they are, and each merged run is merged from its
+/// encoded states (a busy entity's row holds a distinct set per day: decoding them all cost
+/// most of its night).
+pub fn compact_blobs(
+    view: &FeatureView,
+    aggs: &[Aggregation],
+    row: &RowBlobs<'_>,
+) -> Result<Vec<u8>, AggError> {
+    // The runs of each tier, with the index of their merged states in `merged` (none: single).
+    let mut merged: Vec<Vec<u8>> = Vec::new();
+    let mut plans = Vec::with_capacity(row.tiers.len());
+    for (tier, buckets) in &row.tiers {
+        let spans: Vec<(i64, i64)> = buckets.iter().map(|b| (b.0, b.1)).collect();
+        let mut plan = Vec::new();
+        for run in compaction_runs(view, *tier, row.cutoff_ms, &spans) {
+            if run.len() == 1 {
+                plan.push((run, None));
+                continue;
+            }
+            let mut states = decode_states(aggs, buckets[run.start].2)?;
+            for b in &buckets[run.start + 1..run.end] {
+                merge_encoded_states(aggs, &mut states, b.2)?;
+            }
+            merged.push(encode_states(aggs, &states));
+            plan.push((run, Some(merged.len() - 1)));
+        }
+        plans.push(plan);
+    }
+    let tiers = row
+        .tiers
+        .iter()
+        .zip(plans)
+        .map(|((tier, buckets), plan)| {
+            let out = plan
+                .into_iter()
+                .map(|(run, m)| match m {
+                    None => buckets[run.start],
+                    Some(j) => (
+                        buckets[run.start].0,
+                        buckets[run.end - 1].1,
+                        merged[j].as_slice(),
+                    ),
+                })
+                .collect();
+            (*tier, out)
+        })
+        .collect();
+    Ok(RowBlobs {
+        cutoff_ms: row.cutoff_ms,
+        tiers,
+    }
+    .encode())
+}
+
+/// The runs of buckets (`spans`: ascending `(start, end)` of one tier of a row of cutoff `c`)
+/// that [`compact_row`] merges into one bucket each, as index ranges covering every bucket.
+fn compaction_runs(
+    view: &FeatureView,
+    tier: Tier,
+    c: i64,
+    spans: &[(i64, i64)],
+) -> Vec<std::ops::Range<usize>> {
+    let v = COMPACT_VALIDITY.millis();
+    // Window starts move through [c − W, c − W + V] while the row is valid.
+    let zones: Vec<(i64, i64)> = distinct_windows(view)
+        .into_iter()
+        .filter(|w| Tier::of_window(*w) == tier)
+        .map(|w| (c - w.millis(), c - w.millis() + v))
+        .collect();
+    let single = |s: i64| zones.iter().any(|(a, b)| s >= *a && s < *b);
+    // A merged run [from, to) must not contain a window start strictly inside it.
+    let crosses = |from: i64, to: i64| zones.iter().any(|(a, b)| *a < to && *b > from);
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut run_open = false;
+    for (i, (s, e)) in spans.iter().enumerate() {
+        let run_start = runs.last().map_or(*s, |r| spans[r.start].0);
+        if single(*s) {
+            runs.push(i..i + 1);
+            run_open = false;
+        } else if run_open && !crosses(run_start, *e) {
+            runs.last_mut().expect("an open run has a bucket").end = i + 1;
+        } else {
+            runs.push(i..i + 1);
+            run_open = true;
+        }
+    }
+    runs
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use lambda_core::agg::{empty_states, update_all};
 use lambda_core::merge::{
     BatchRow, COMPACT_VALIDITY, FeaturePlan, MergeError, Partial, RowBlobs, Tier, Tile,
-    build_batch_row, cold_block, compact_row, encoded_row_features_at, features_at,
+    build_batch_row, cold_block, compact_blobs, compact_row, encoded_row_features_at, features_at,
     features_at_cutoff, row_body, row_features_at, splice_row, tier_reach,
 };
 use lambda_core::time::{DAY_MS, MINUTE_MS, served_range, tile_start};
@@ -165,6 +165,13 @@ fn batch_row_plus_tiles_equals_direct_aggregation_at_every_time_after_the_cutoff
         row.encode(&aggs).len()
     );
     let (encoded, encoded_compact) = (row.encode(&aggs), compact.encode(&aggs));
+    // The nightly job compacts the encoded row: the same bytes.
+    let body = row_body(&encoded).unwrap();
+    assert_eq!(
+        compact_blobs(&v, &aggs, &RowBlobs::parse(&body).unwrap()).unwrap(),
+        encoded_compact,
+        "compacting the encoded row"
+    );
     let plan = FeaturePlan::new(&v);
     let mut checked = 0;
     // Every 7 minutes + 13 s through the two days after the cutoff, from the cutoff itself, then
