@@ -94,6 +94,13 @@ pub struct Reader<'a> {
     pos: usize,
 }
 
+/// The error of a read past the end, made only when one happens (`ok_or(CodecError::Truncated)`
+/// built and dropped an error on every read: a visible part of the feature pass).
+#[cold]
+fn truncated() -> CodecError {
+    CodecError::Truncated
+}
+
 impl<'a> Reader<'a> {
     /// A reader over `buf`.
     #[inline]
@@ -113,7 +120,7 @@ impl<'a> Reader<'a> {
     /// One byte.
     #[inline]
     pub fn u8(&mut self) -> Result<u8, CodecError> {
-        let b = *self.buf.get(self.pos).ok_or(CodecError::Truncated)?;
+        let b = *self.buf.get(self.pos).ok_or_else(truncated)?;
         self.pos += 1;
         Ok(b)
     }
@@ -202,18 +209,18 @@ impl<'a> Reader<'a> {
     #[inline]
     pub fn f64(&mut self) -> Result<f64, CodecError> {
         let end = self.pos + 8;
-        let s = self.buf.get(self.pos..end).ok_or(CodecError::Truncated)?;
+        let s = self.buf.get(self.pos..end).ok_or_else(truncated)?;
         self.pos = end;
         Ok(f64::from_le_bytes(
-            s.try_into().map_err(|_| CodecError::Truncated)?,
+            s.try_into().map_err(|_| truncated())?,
         ))
     }
     /// Length-prefixed bytes.
     #[inline]
     pub fn bytes(&mut self) -> Result<&'a [u8], CodecError> {
-        let n = usize::try_from(self.u64()?).map_err(|_| CodecError::Truncated)?;
-        let end = self.pos.checked_add(n).ok_or(CodecError::Truncated)?;
-        let s = self.buf.get(self.pos..end).ok_or(CodecError::Truncated)?;
+        let n = usize::try_from(self.u64()?).map_err(|_| truncated())?;
+        let end = self.pos.checked_add(n).ok_or_else(truncated)?;
+        let s = self.buf.get(self.pos..end).ok_or_else(truncated)?;
         self.pos = end;
         Ok(s)
     }
