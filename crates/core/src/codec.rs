@@ -211,9 +211,7 @@ impl<'a> Reader<'a> {
         let end = self.pos + 8;
         let s = self.buf.get(self.pos..end).ok_or_else(truncated)?;
         self.pos = end;
-        Ok(f64::from_le_bytes(
-            s.try_into().map_err(|_| truncated())?,
-        ))
+        Ok(f64::from_le_bytes(s.try_into().map_err(|_| truncated())?))
     }
     /// Length-prefixed bytes.
     #[inline]
