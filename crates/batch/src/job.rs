@@ -298,8 +298,10 @@ impl RowBuild<'_> {
     /// kept row, which still serves this cutoff.
     fn build(&self, entity: &str, parts: Option<&[PartialBlob]>) -> Result<BuiltRow, BatchError> {
         let (view, c) = (self.view, self.cutoff_ms);
+        // Looked up once (a map of tens of thousands of rows: each lookup is a cache miss).
+        let old = self.old.get(entity).map(Vec::as_slice);
         let Some(parts) = parts else {
-            return Ok(match self.old.get(entity) {
+            return Ok(match old {
                 Some(data) => {
                     let body = row_body(data)?;
                     let f = encoded_row_features_at(&self.plan, &RowBlobs::parse(&body)?, c)?;
@@ -330,7 +332,7 @@ impl RowBuild<'_> {
                 )
             })
             .collect();
-        let prev_body = self.old.get(entity).map(|b| row_body(b)).transpose()?;
+        let prev_body = old.map(row_body).transpose()?;
         let prev = prev_body.as_deref().map(RowBlobs::parse).transpose()?;
         let replaced = |tier: Tier, start: i64| {
             tier == Tier::Tile
@@ -340,7 +342,6 @@ impl RowBuild<'_> {
         };
         let blobs = splice_row(view, c, prev.as_ref(), replaced, &fresh);
         let features = encoded_row_features_at(&self.plan, &blobs, c)?;
-        let old = self.old.get(entity).map(Vec::as_slice);
         let data = self.encode(&blobs, old, prev.as_ref())?;
         let (data, full) = if data.len() > self.compact_over {
             (compact_blobs(view, &self.aggs, &blobs)?, Some(data))
