@@ -2041,11 +2041,12 @@ fn encode_features(
     w.finish()
 }
 
-/// Encodes an offline features file as its rows arrive, in entity order, in batches of 8 192
-/// rows (the Parquet writer encodes each batch's pages at once; the file is one row group).
 /// Rows per row group of the features file (a multiple of the batches it is written in).
 const FEATURES_ROW_GROUP: usize = 32_768;
 
+/// Encodes an offline features file as its rows arrive, in entity order, in batches of 8 192
+/// rows (the Parquet writer encodes each batch's pages at once) and row groups of
+/// [`FEATURES_ROW_GROUP`] rows.
 struct FeaturesWriter<'a> {
     url: &'a str,
     schema: SchemaRef,
