@@ -12,7 +12,7 @@
 //!   (columns `entity`, `start`, `states`) and `<offline>/<view>/features/cutoff=<D>/part-0.parquet`
 //!   (entity and every finalized feature as of the cutoff). Every file is written to a temporary
 //!   name and renamed into place, so a crash never leaves a partial file visible as complete.
-//! * **Online store**: one item per entity (`batch` sort key) holding its [`BatchRow`] with the
+//! * **Online store**: one item per entity (`batch` sort key) holding its [`BatchRow`](lambda_core::merge::BatchRow) with the
 //!   cutoff inside, uploaded with `batch_put`: rerunning a night writes the same bytes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -233,7 +233,7 @@ struct RowBuild<'a> {
 
 /// At a new cold block ([`lambda_core::merge::ColdBlock`]), the days it leaves out (the newest).
 /// 2 rather than 7 for fewer new blocks later (one every 19 nights instead of 14, at
-/// [`HOT_DAYS`]); the night right after a full run is the same either way (`scripts/ab-nights.sh`:
+/// `HOT_DAYS`, 21); the night right after a full run is the same either way (`scripts/ab-nights.sh`:
 /// 0.504 against 0.500 s and 0.502 against 0.489 s, 8–10 interleaved nights; a first A/B with one
 /// binary reading the value from a variable had shown 0.464 against 0.511 s, noise).
 pub const COLD_AFTER_DAYS: i64 = 2;
