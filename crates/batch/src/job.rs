@@ -12,8 +12,9 @@
 //!   (columns `entity`, `start`, `states`) and `<offline>/<view>/features/cutoff=<D>/part-0.parquet`
 //!   (entity and every finalized feature as of the cutoff). Every file is written to a temporary
 //!   name and renamed into place, so a crash never leaves a partial file visible as complete.
-//! * **Online store**: one item per entity (`batch` sort key) holding its [`BatchRow`](lambda_core::merge::BatchRow) with the
-//!   cutoff inside, uploaded with `batch_put`: rerunning a night writes the same bytes.
+//! * **Online store**: one item per entity (`batch` sort key) holding its
+//!   [`BatchRow`](lambda_core::merge::BatchRow) with the cutoff inside, uploaded with
+//!   `batch_put`: rerunning a night writes the same bytes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;

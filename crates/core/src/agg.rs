@@ -850,7 +850,9 @@ impl Aggregation {
                         }
                         AggState::Extreme(a) => {
                             // Numbers are compared as read (building a `Value` per bucket was a
-                            // quarter of this function's time); strings through a `Value`.
+                            // quarter of this function's time); strings through a `Value`. The
+                            // number tags are read here rather than by `decode_tagged_value`:
+                            // going through it made the features bench 9% slower (2026-11-26).
                             let tag = r.u8()?;
                             let num = match (tag, self.input_type) {
                                 (2, Some(ColumnType::Int64)) => Some(Value::Int(r.i64()?)),
