@@ -552,7 +552,9 @@ async fn kill_9_and_restart_on_kinesis_and_dynamodb() {
             rng = rng
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            std::thread::sleep(Duration::from_millis(80 + (rng >> 33) % 300));
+            // A random moment, later with every kill: a slow machine (cold emulators) still
+            // lets a run get far enough to finish, after as many kills as it takes.
+            std::thread::sleep(Duration::from_millis(80 + (rng >> 33) % 300 + 40 * kills));
             match child.try_wait().unwrap() {
                 Some(status) => {
                     assert!(status.success(), "{status}");
