@@ -24,7 +24,7 @@ run() {
   /usr/bin/time -o "$work/t" -f "%e %M %U %S" "$bin/lambda-batch" run --view examples/fraud/features.toml \
     --history "$data/history" --offline "$work/offline" --store "$work/online.redb" --row-ttl-days 3650 "$@"
   read -r wall rss user sys < "$work/t"
-  cpu=$(python3 -c "print(f'{$user + $sys:.2f}')")
+  cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')
   echo "  wall $wall s, CPU $cpu s (user + system), peak RSS $rss KB"
   echo "$label $wall $rss $cpu" >> "$work/times"
 }
