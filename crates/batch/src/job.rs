@@ -1134,6 +1134,180 @@ fn build_and_upload(
     })
 }
 
+/// What each tier of `view` needs for cutoff `c` (`[C − reach, C)`, tiers without windows left
+/// out), and the days those ranges touch, ascending.
+fn needed_days(view: &FeatureView, c: i64) -> (Vec<(Tier, i64, i64)>, Vec<i64>) {
+    let needs: Vec<(Tier, i64, i64)> = Tier::ALL
+        .into_iter()
+        .map(|t| (t, c - tier_reach(view, t).millis(), c))
+        .filter(|(_, f, t)| f < t)
+        .collect();
+    let first_day = needs
+        .iter()
+        .map(|(_, f, _)| tile_start(*f, lambda_core::Span::days(1)))
+        .min()
+        .unwrap_or(c);
+    let days = (first_day..c).step_by(DAY_MS as usize).collect();
+    (needs, days)
+}
+
+/// Plans every day ([`plan_day`]) concurrently, in day order: each is a listing and a few small
+/// reads, and each runs on a task of its own (parsing the stored inputs is work for both cores).
+async fn plan_days(
+    opts: &RunOptions,
+    needs: &[(Tier, i64, i64)],
+    days: &[i64],
+) -> Result<Vec<DayPlan>, BatchError> {
+    futures::stream::iter(days.iter().map(|d| {
+        let (opts, needs, d) = (opts.clone(), needs.to_vec(), *d);
+        on_own_task(async move { plan_day(&opts, &needs, d).await })
+    }))
+    .buffered(16)
+    .collect::<Vec<_>>()
+    .await
+    .into_iter()
+    .collect()
+}
+
+/// The days whose rows this run rewrites: every day on a rebuild, else those whose history files
+/// differ from the ones the committed batch view was built from (the new day, late files).
+fn changed_days(
+    days: &[i64],
+    rebuild: bool,
+    committed: Option<&Commit>,
+    day_files: &BTreeMap<String, Vec<(String, u64)>>,
+) -> BTreeSet<i64> {
+    days.iter()
+        .copied()
+        .filter(|d| {
+            rebuild
+                || committed.and_then(|p| p.days.get(&date_of(*d))) != day_files.get(&date_of(*d))
+        })
+        .collect()
+}
+
+/// What [`gather_partials`] gathers for.
+struct GatherPlan<'a> {
+    /// Per tier, the range `[from, to)` of bucket starts the rows need.
+    needs: &'a [(Tier, i64, i64)],
+    /// The days whose partials go into the rows.
+    changed: &'a BTreeSet<i64>,
+    /// The days planned (for progress).
+    total: usize,
+}
+
+/// Takes the days as they are computed, in day order: counts what was read (with progress), and
+/// adds to `rows` the tiles' partials (recomputed every run) and the day and hour partials of the
+/// changed days (from memory when computed now, else from their stored files).
+async fn gather_partials(
+    opts: &RunOptions,
+    GatherPlan {
+        needs,
+        changed,
+        total,
+    }: GatherPlan<'_>,
+    mut computed: impl futures::Stream<Item = Result<(i64, Option<ComputedDay>), BatchError>> + Unpin,
+    summary: &mut RunSummary,
+    rows: &mut EntityPartials,
+    partial_writes: &mut Vec<Aborting<Result<(), BatchError>>>,
+    progress: &mut impl FnMut(Progress),
+) -> Result<(), BatchError> {
+    let (view, c) = (&opts.view, opts.cutoff_ms);
+    let mut n = 0;
+    while let Some(result) = computed.next().await {
+        let (day, done) = result?;
+        n += 1;
+        let mut in_memory = BTreeMap::new();
+        match done {
+            Some(ComputedDay {
+                rows: r,
+                bytes: b,
+                dir_url,
+                parts,
+                writes,
+            }) => {
+                partial_writes.extend(writes);
+                summary.rows_in += r;
+                summary.bytes_in += b;
+                if b > 0 {
+                    summary.days_computed += 1;
+                    progress(Progress::Day {
+                        date: date_of(day),
+                        rows: summary.rows_in,
+                        bytes: summary.bytes_in,
+                        done: n,
+                        total,
+                    });
+                }
+                let (from, to) = needs
+                    .iter()
+                    .find(|x| x.0 == Tier::Tile)
+                    .map(|x| (x.1, x.2))
+                    .unwrap_or((c, c));
+                for b in parts.get(&Tier::Tile).into_iter().flatten() {
+                    add_partials(b, &dir_url, rows, Tier::Tile, from, to)?;
+                }
+                in_memory = parts;
+            }
+            None => summary.days_reused += 1,
+        }
+        if !changed.contains(&day) {
+            continue;
+        }
+        for (tier, from, to) in needs.iter().filter(|t| t.0 != Tier::Tile) {
+            if let Some(batches) = in_memory.get(tier) {
+                let url = opts.offline.url_of(&partial_rel(view, *tier, day));
+                for b in batches {
+                    add_partials(b, &url, rows, *tier, *from, *to)?;
+                }
+            } else if day + DAY_MS > *from && day < *to {
+                read_partials(
+                    &opts.offline,
+                    &partial_rel(view, *tier, day),
+                    rows,
+                    *tier,
+                    *from,
+                    *to,
+                )
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The entities whose features may have moved since the committed night without a change of
+/// their own data (a bucket of theirs left a window: [`leaving_entities`]), and, when this run
+/// builds on the committed view (`incremental`), their stored rows.
+async fn leaving_with_rows(
+    store: &dyn OnlineStore,
+    opts: &RunOptions,
+    committed: Option<&Commit>,
+    changed: &BTreeSet<i64>,
+    incremental: bool,
+) -> Result<(BTreeSet<String>, EntityMap<Vec<u8>>), BatchError> {
+    let (view, c) = (&opts.view, opts.cutoff_ms);
+    let leaving = match committed {
+        Some(prev) if c > prev.cutoff_ms => {
+            // Found on a task of its own: reading the stored partial files is CPU work that would
+            // otherwise wait for the polls of the day's queries.
+            let (view, offline) = (view.clone(), opts.offline.clone());
+            let (from, changed) = (prev.cutoff_ms, changed.clone());
+            let mut task =
+                tokio::spawn(
+                    async move { leaving_entities(&view, &offline, from, c, &changed).await },
+                );
+            joined(&mut task).await?
+        }
+        _ => BTreeSet::new(),
+    };
+    let rows = match incremental {
+        true => previous_rows(store, view, leaving.iter().map(String::as_str)).await?,
+        false => EntityMap::default(),
+    };
+    Ok((leaving, rows))
+}
+
 /// Runs the job and uploads the batch rows to `store`.
 pub async fn run(
     opts: &RunOptions,
@@ -1162,38 +1336,12 @@ pub async fn run(
     );
     let base = &view.name;
     let mut summary = RunSummary::default();
-    // What each tier needs: [C - reach, C).
-    let needs: Vec<(Tier, i64, i64)> = Tier::ALL
-        .into_iter()
-        .map(|t| (t, c - tier_reach(view, t).millis(), c))
-        .filter(|(_, f, t)| f < t)
-        .collect();
-    let first_day = needs
-        .iter()
-        .map(|(_, f, _)| tile_start(*f, lambda_core::Span::days(1)))
-        .min()
-        .unwrap_or(c);
-    let mut days = Vec::new();
-    let mut d = first_day;
-    while d < c {
-        days.push(d);
-        d += DAY_MS;
-    }
+    let (needs, days) = needed_days(view, c);
     let mut rows = EntityPartials::default();
     let started = Instant::now();
     let total = days.len();
     // 1. Plan: which tiers each day must compute (stored partials of unchanged inputs are reused).
-    //    Days are planned concurrently (each is a listing and a few small reads).
-    //    Each on a task of its own: parsing the stored inputs is work for both cores.
-    let plans: Vec<DayPlan> = futures::stream::iter(days.iter().map(|d| {
-        let (opts, needs, d) = (opts.clone(), needs.clone(), *d);
-        on_own_task(async move { plan_day(&opts, &needs, d).await })
-    }))
-    .buffered(16)
-    .collect::<Vec<_>>()
-    .await
-    .into_iter()
-    .collect::<Result<_, _>>()?;
+    let plans = plan_days(opts, &needs, &days).await?;
     tracing::debug!(view = %view.name, days = plans.len(), elapsed_s = started.elapsed().as_secs_f64(), "Planned.");
     // What the online batch view already reflects decides what this run rewrites: the entities
     // with a new or changed day, or everything (a rebuild) when there is nothing to build on.
@@ -1204,15 +1352,7 @@ pub async fn run(
     let committed = read_commit(view, &opts.offline, store).await?;
     let fingerprint = view_fingerprint(view);
     let rebuild = rebuild_reason(opts, committed.as_ref(), &fingerprint, &day_files);
-    let changed: BTreeSet<i64> = days
-        .iter()
-        .copied()
-        .filter(|d| {
-            rebuild.is_some()
-                || committed.as_ref().and_then(|p| p.days.get(&date_of(*d)))
-                    != day_files.get(&date_of(*d))
-        })
-        .collect();
+    let changed = changed_days(&days, rebuild.is_some(), committed.as_ref(), &day_files);
     match &rebuild {
         Some(why) => {
             tracing::info!(view = %view.name, reason = %why, "Rebuilding every batch row.")
@@ -1226,7 +1366,7 @@ pub async fn run(
     let day_ctx = &day_ctx;
     // Each day on a task of its own: the main task stays free to poll the others (the leaving
     // entities' reads below do not wait for a day's deduplication to yield).
-    let mut computed = futures::stream::iter(plans.into_iter().map(|plan| {
+    let computed = futures::stream::iter(plans.into_iter().map(|plan| {
         let (ctx, opts) = (day_ctx.clone(), opts.clone());
         on_own_task(async move { compute_day(&ctx, &opts, plan).await })
     }))
@@ -1236,93 +1376,20 @@ pub async fn run(
     //    have moved without a change of their own data (a bucket of theirs left a window) and
     //    read their previous rows.
     let mut partial_writes = Vec::new();
-    let gather = async {
-        let mut n = 0;
-        while let Some(result) = computed.next().await {
-            let (day, done) = result?;
-            n += 1;
-            let mut in_memory = BTreeMap::new();
-            match done {
-                Some(ComputedDay {
-                    rows: r,
-                    bytes: b,
-                    dir_url,
-                    parts,
-                    writes,
-                }) => {
-                    partial_writes.extend(writes);
-                    summary.rows_in += r;
-                    summary.bytes_in += b;
-                    if b > 0 {
-                        summary.days_computed += 1;
-                        progress(Progress::Day {
-                            date: date_of(day),
-                            rows: summary.rows_in,
-                            bytes: summary.bytes_in,
-                            done: n,
-                            total,
-                        });
-                    }
-                    let (from, to) = needs
-                        .iter()
-                        .find(|x| x.0 == Tier::Tile)
-                        .map(|x| (x.1, x.2))
-                        .unwrap_or((c, c));
-                    for b in parts.get(&Tier::Tile).into_iter().flatten() {
-                        add_partials(b, &dir_url, &mut rows, Tier::Tile, from, to)?;
-                    }
-                    in_memory = parts;
-                }
-                None => summary.days_reused += 1,
-            }
-            if !changed.contains(&day) {
-                continue;
-            }
-            for (tier, from, to) in needs.iter().filter(|t| t.0 != Tier::Tile) {
-                if let Some(batches) = in_memory.get(tier) {
-                    let url = opts.offline.url_of(&partial_rel(view, *tier, day));
-                    for b in batches {
-                        add_partials(b, &url, &mut rows, *tier, *from, *to)?;
-                    }
-                } else if day + DAY_MS > *from && day < *to {
-                    read_partials(
-                        &opts.offline,
-                        &partial_rel(view, *tier, day),
-                        &mut rows,
-                        *tier,
-                        *from,
-                        *to,
-                    )
-                    .await?;
-                }
-            }
-        }
-        Ok::<_, BatchError>(())
-    };
-    // Found on a task of its own: reading the stored partial files is CPU work that would
-    // otherwise wait for the polls of the day's queries.
-    let leaving_task = match &committed {
-        Some(prev) if c > prev.cutoff_ms => {
-            let (view, offline) = (view.clone(), opts.offline.clone());
-            let (from, changed) = (prev.cutoff_ms, changed.clone());
-            Some(tokio::spawn(async move {
-                leaving_entities(&view, &offline, from, c, &changed).await
-            }))
-        }
-        _ => None,
-    };
-    let leaving = async {
-        let leaving = match leaving_task {
-            Some(mut task) => joined(&mut task).await?,
-            None => BTreeSet::new(),
-        };
-        let rows = if rebuild.is_none() {
-            previous_rows(store, view, leaving.iter().map(String::as_str)).await?
-        } else {
-            EntityMap::default()
-        };
-        Ok::<_, BatchError>((leaving, rows))
-    };
+    let gather = gather_partials(
+        opts,
+        GatherPlan {
+            needs: &needs,
+            changed: &changed,
+            total,
+        },
+        computed,
+        &mut summary,
+        &mut rows,
+        &mut partial_writes,
+        &mut progress,
+    );
+    let leaving = leaving_with_rows(store, opts, committed.as_ref(), &changed, rebuild.is_none());
     let (gathered, leaving) = tokio::join!(gather, leaving);
     gathered?;
     let (leaving, mut old) = leaving?;
