@@ -296,6 +296,11 @@ fn canonical_float_bits(f: f64) -> i64 {
     }
 }
 
+/// The largest decimal precision whose variance family is computed exactly
+/// ([`AggState::ExactMoments`]): squares of 12-digit values stay below 10^24, so 128 bits hold the
+/// sum of squares of 10^14 values. Wider decimals, integers and floats use floating-point moments.
+pub const EXACT_MOMENTS_DIGITS: u8 = 12;
+
 /// The mergeable state of one aggregation over some set of events.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AggState {
@@ -332,6 +337,17 @@ pub enum AggState {
         mean: f64,
         /// Sum of squared deviations from the mean.
         m2: f64,
+    },
+    /// Variance family over decimals of at most [`EXACT_MOMENTS_DIGITS`] digits: count, sum and
+    /// sum of squares of the unscaled values, exact, so states merge exactly in any order (the
+    /// batch and speed paths agree bit for bit).
+    ExactMoments {
+        /// Values seen.
+        n: u64,
+        /// Sum of the unscaled values.
+        sum: i128,
+        /// Sum of their squares.
+        sumsq: u128,
     },
     /// Exact distinct set (boxed, like `Last`: the common states stay 48 bytes, and the batch
     /// job's DataFusion groups hold one state per group and aggregation).
@@ -371,6 +387,13 @@ impl Aggregation {
                 _ => AggState::SumInt { sum: 0, n: 0 },
             },
             Min | Max => AggState::Extreme(None),
+            VarSamp | VarPop | StddevSamp | StddevPop if self.exact_moments() => {
+                AggState::ExactMoments {
+                    n: 0,
+                    sum: 0,
+                    sumsq: 0,
+                }
+            }
             VarSamp | VarPop | StddevSamp | StddevPop => AggState::Moments {
                 n: 0,
                 mean: 0.0,
@@ -412,6 +435,11 @@ impl Aggregation {
             (c, Some(cur)) => return self.beats(c, Some(cur)),
         };
         self.prefers(ord)
+    }
+
+    /// Whether the variance family over this input is exact ([`AggState::ExactMoments`]).
+    fn exact_moments(&self) -> bool {
+        matches!(self.input_type, Some(ColumnType::Decimal { precision, .. }) if precision <= EXACT_MOMENTS_DIGITS)
     }
 
     fn scale(&self) -> u8 {
@@ -465,6 +493,13 @@ impl Aggregation {
             }
             (AggState::Extreme(cur), v) if self.beats(v, cur.as_ref()) => *cur = Some(v.clone()),
             (AggState::Extreme(_), _) => {}
+            (AggState::ExactMoments { n, sum, sumsq }, Value::Decimal(d)) => {
+                // |d| < 10^12: its square fits, and the sums saturate only after 10^14 values.
+                *n += 1;
+                *sum = sum.saturating_add(*d);
+                *sumsq = sumsq.saturating_add(d.unsigned_abs().saturating_mul(d.unsigned_abs()));
+            }
+            (AggState::ExactMoments { .. }, _) => {}
             (AggState::Moments { n, mean, m2 }, v) => {
                 if let Some(x) = v.as_f64(self.scale()) {
                     *n += 1;
@@ -562,6 +597,41 @@ impl Aggregation {
                     m2: m2b,
                 },
             ) => merge_moments((n, mean, m2), (*nb, *mb, *m2b)),
+            (
+                AggState::ExactMoments { n, sum, sumsq },
+                AggState::ExactMoments {
+                    n: nb,
+                    sum: sb,
+                    sumsq: qb,
+                },
+            ) => {
+                *n += nb;
+                *sum = sum.saturating_add(*sb);
+                *sumsq = sumsq.saturating_add(*qb);
+            }
+            // A floating-point state (stored before exact moments, or by an older writer) makes
+            // the merge floating-point.
+            (a @ AggState::ExactMoments { .. }, AggState::Moments { n, mean, m2 }) => {
+                *a = self.float_moments(a);
+                if let AggState::Moments {
+                    n: na,
+                    mean: ma,
+                    m2: m2a,
+                } = a
+                {
+                    merge_moments((na, ma, m2a), (*n, *mean, *m2));
+                }
+            }
+            (AggState::Moments { n, mean, m2 }, b @ AggState::ExactMoments { .. }) => {
+                if let AggState::Moments {
+                    n: nb,
+                    mean: mb,
+                    m2: m2b,
+                } = self.float_moments(b)
+                {
+                    merge_moments((n, mean, m2), (nb, mb, m2b));
+                }
+            }
             (AggState::Distinct(a), AggState::Distinct(b)) => a.merge(b),
             (AggState::Sketch(a), AggState::Sketch(b)) => a.merge(b),
             (AggState::Last(a), AggState::Last(Some(b))) => {
@@ -645,6 +715,24 @@ impl Aggregation {
                     var
                 })
             }
+            (
+                f @ (VarSamp | VarPop | StddevSamp | StddevPop),
+                AggState::ExactMoments { n, sum, sumsq },
+            ) => {
+                let sample = matches!(f, VarSamp | StddevSamp);
+                if *n < 1 + sample as u64 {
+                    return Ok(Value::Null);
+                }
+                // n·Σx² − (Σx)², exact (it is never negative), then one division.
+                let num = exact_moment_numerator(*n, *sum, *sumsq);
+                let denom = *n as f64 * if sample { *n - 1 } else { *n } as f64;
+                let var = num / denom / 10f64.powi(2 * self.scale() as i32);
+                Value::Float(if matches!(f, StddevSamp | StddevPop) {
+                    var.sqrt()
+                } else {
+                    var
+                })
+            }
             (CountDistinct, AggState::Distinct(s)) => Value::Int(s.len() as i64),
             (ApproxCountDistinct, AggState::Sketch(h)) => Value::Int(h.estimate() as i64),
             (LastValue, AggState::Last(v)) => {
@@ -685,6 +773,12 @@ impl Aggregation {
                 w.u64(*n);
                 w.f64(*mean);
                 w.f64(*m2);
+            }
+            AggState::ExactMoments { n, sum, sumsq } => {
+                w.u8(b'v');
+                w.u64(*n);
+                w.i128(*sum);
+                w.u128(*sumsq);
             }
             AggState::Distinct(set) => {
                 w.u8(b's');
@@ -734,7 +828,11 @@ impl Aggregation {
             aggregation: self.name.clone(),
             source,
         };
-        let tag = self.read_tag(r, self.state_tag())?;
+        // Exact moments also read the floating-point ones an older writer stored.
+        let tag = match (self.state_tag(), r.peek()) {
+            (b'v', Some(b'm')) => self.read_tag(r, b'm')?,
+            (expected, _) => self.read_tag(r, expected)?,
+        };
         let read = |r: &mut Reader<'_>| -> Result<AggState, CodecError> {
             Ok(match tag {
                 b'c' => AggState::Count(r.u64()?),
@@ -755,6 +853,11 @@ impl Aggregation {
                     n: r.u64()?,
                     mean: r.f64()?,
                     m2: r.f64()?,
+                },
+                b'v' => AggState::ExactMoments {
+                    n: r.u64()?,
+                    sum: r.i128()?,
+                    sumsq: r.u128()?,
                 },
                 b's' => {
                     let n = r.u64()? as usize;
@@ -823,7 +926,8 @@ impl Aggregation {
             // Variable-size states, and a state of another aggregation (a caller's bug): as
             // decoding and merging does.
             _ if matches!(state, AggState::Sketch(_) | AggState::Last(_))
-                || tag_of(state) != self.state_tag() =>
+                || tag_of(state) != self.state_tag()
+                || r.peek() != Some(tag_of(state)) =>
             {
                 let other = self.decode(r)?;
                 self.merge(state, &other);
@@ -847,6 +951,11 @@ impl Aggregation {
                         AggState::Moments { n, mean, m2 } => {
                             let other = (r.u64()?, r.f64()?, r.f64()?);
                             merge_moments((n, mean, m2), other);
+                        }
+                        AggState::ExactMoments { n, sum, sumsq } => {
+                            *n += r.u64()?;
+                            *sum = sum.saturating_add(r.i128()?);
+                            *sumsq = sumsq.saturating_add(r.u128()?);
                         }
                         AggState::Extreme(a) => {
                             // Numbers are compared as read (building a `Value` per bucket was a
@@ -900,6 +1009,7 @@ impl Aggregation {
                 _ => b'i',
             },
             Min | Max => b'x',
+            VarSamp | VarPop | StddevSamp | StddevPop if self.exact_moments() => b'v',
             VarSamp | VarPop | StddevSamp | StddevPop => b'm',
             CountDistinct => b's',
             ApproxCountDistinct => b'h',
@@ -940,6 +1050,56 @@ fn merge_float_sum(sum: &mut f64, n: &mut u64, s2: f64, n2: u64) {
         *sum = if *n == 0 { s2 } else { *sum + s2 };
         *n += n2;
     }
+}
+
+impl Aggregation {
+    /// An exact moments state as floating-point moments (for a merge with one of those).
+    fn float_moments(&self, state: &AggState) -> AggState {
+        match state {
+            AggState::ExactMoments { n, sum, sumsq } if *n > 0 => {
+                let scale = 10f64.powi(self.scale() as i32);
+                let nf = *n as f64;
+                AggState::Moments {
+                    n: *n,
+                    mean: *sum as f64 / nf / scale,
+                    m2: exact_moment_numerator(*n, *sum, *sumsq) / nf / (scale * scale),
+                }
+            }
+            AggState::ExactMoments { .. } => AggState::Moments {
+                n: 0,
+                mean: 0.0,
+                m2: 0.0,
+            },
+            other => other.clone(),
+        }
+    }
+}
+
+/// `n·Σx² − (Σx)²` of exact moments, computed exactly in 256 bits and rounded once to `f64`
+/// (it is `n` times the sum of squared deviations, never negative).
+fn exact_moment_numerator(n: u64, sum: i128, sumsq: u128) -> f64 {
+    let (a_hi, a_lo) = mul_u128(n as u128, sumsq);
+    let s = sum.unsigned_abs();
+    let (b_hi, b_lo) = mul_u128(s, s);
+    let (lo, borrow) = a_lo.overflowing_sub(b_lo);
+    let hi = a_hi.wrapping_sub(b_hi).wrapping_sub(borrow as u128);
+    if hi > a_hi {
+        // Saturated sums (beyond 10^14 values): not exact any more; never negative.
+        return 0.0;
+    }
+    hi as f64 * 2f64.powi(128) + lo as f64
+}
+
+/// The 256-bit product of two `u128`, as (high, low) halves.
+fn mul_u128(a: u128, b: u128) -> (u128, u128) {
+    let mask = u64::MAX as u128;
+    let (a1, a0, b1, b0) = (a >> 64, a & mask, b >> 64, b & mask);
+    let (p00, p01, p10, p11) = (a0 * b0, a0 * b1, a1 * b0, a1 * b1);
+    // The middle terms overlap the two halves.
+    let (mid, mid_carry) = p01.overflowing_add(p10);
+    let (lo, lo_carry) = p00.overflowing_add(mid << 64);
+    let hi = p11 + (mid >> 64) + ((mid_carry as u128) << 64) + lo_carry as u128;
+    (hi, lo)
 }
 
 /// Chan's parallel combination of moments `(n, mean, m2)` with `(nb, mb, m2b)`.
@@ -1053,6 +1213,7 @@ fn tag_of(s: &AggState) -> u8 {
         AggState::SumDecimal { .. } => b'd',
         AggState::Extreme(_) => b'x',
         AggState::Moments { .. } => b'm',
+        AggState::ExactMoments { .. } => b'v',
         AggState::Distinct(_) => b's',
         AggState::Sketch(_) => b'h',
         AggState::Last(_) => b'l',
@@ -1225,5 +1386,113 @@ pub fn update_all(
 pub fn merge_all(aggs: &[Aggregation], states: &mut [AggState], other: &[AggState]) {
     for ((a, s), o) in aggs.iter().zip(states.iter_mut()).zip(other) {
         a.merge(s, o);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Schoolbook product over 32-bit limbs: an independent reference for `mul_u128`.
+    fn mul_ref(a: u128, b: u128) -> (u128, u128) {
+        let limbs = |x: u128| [0, 1, 2, 3].map(|i| (x >> (32 * i)) as u32 as u64);
+        let (la, lb) = (limbs(a), limbs(b));
+        let mut out = [0u64; 8];
+        for i in 0..4 {
+            let mut carry = 0u64;
+            for j in 0..4 {
+                let t = la[i] * lb[j] + out[i + j] + carry;
+                out[i + j] = t & 0xffff_ffff;
+                carry = t >> 32;
+            }
+            out[i + 4] += carry;
+        }
+        let half = |o: &[u64]| {
+            o.iter()
+                .rev()
+                .fold(0u128, |acc, l| (acc << 32) | *l as u128)
+        };
+        (half(&out[4..]), half(&out[..4]))
+    }
+
+    #[test]
+    fn the_256_bit_product_matches_a_schoolbook_reference() {
+        let max = u128::MAX;
+        assert_eq!(mul_u128(max, max), (max - 1, 1));
+        assert_eq!(mul_u128(1 << 64, 1 << 64), (1, 0));
+        let mut x: u128 = 0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C834;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let (a, b) = (x, x.rotate_left(61) >> (x % 97));
+            assert_eq!(mul_u128(a, b), mul_ref(a, b), "{a} * {b}");
+        }
+    }
+
+    /// A floating-point moments state (stored by an older writer) merges with an exact one, in
+    /// either order and either encoded or decoded, into the variance of all their values.
+    #[test]
+    fn exact_and_floating_point_moments_merge() {
+        let dec = ColumnType::Decimal {
+            precision: 10,
+            scale: 2,
+        };
+        let agg = Aggregation {
+            name: "v".into(),
+            function: AggFunction::VarPop,
+            input: Some(0),
+            input_type: Some(dec),
+            output_type: ColumnType::Float64,
+            filter: None,
+        };
+        let old = AggState::Moments {
+            n: 2,
+            mean: 1.0,
+            m2: 2.0, // values 0.00 and 2.00
+        };
+        let mut exact = agg.empty();
+        for d in [100i128, 300] {
+            agg.apply(&mut exact, &[Value::Decimal(d)], 0, "");
+        }
+        // All four values 0, 2, 1, 3: population variance 1.25.
+        let want = Value::Float(1.25);
+        let mut a = exact.clone();
+        agg.merge(&mut a, &old);
+        assert_eq!(agg.finalize(&a).unwrap(), want);
+        let mut b = old.clone();
+        agg.merge(&mut b, &exact);
+        assert_eq!(agg.finalize(&b).unwrap(), want);
+        let mut w = Writer::default();
+        agg.encode(&old, &mut w);
+        let mut c = exact.clone();
+        agg.merge_encoded(&mut c, &mut Reader::new(&w.buf)).unwrap();
+        assert_eq!(agg.finalize(&c).unwrap(), want);
+    }
+
+    #[test]
+    fn a_state_stays_48_bytes() {
+        // The batch job's DataFusion groups hold one state per group and aggregation.
+        assert_eq!(std::mem::size_of::<AggState>(), 48);
+    }
+
+    #[test]
+    fn exact_moments_numerator_is_exact_for_twelve_digit_values() {
+        let big = 999_999_999_999i128;
+        for xs in [
+            vec![big, -big, big],
+            vec![big; 1000],
+            vec![big, big - 1],
+            vec![7],
+        ] {
+            let n = xs.len() as i128;
+            let (sum, sumsq) = (
+                xs.iter().sum::<i128>(),
+                xs.iter().map(|x| x * x).sum::<i128>(),
+            );
+            let want = n * sumsq - sum * sum;
+            let got = exact_moment_numerator(n as u64, sum, sumsq as u128);
+            assert_eq!(got, want as f64, "{xs:?}");
+        }
     }
 }

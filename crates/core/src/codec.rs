@@ -117,6 +117,11 @@ impl<'a> Reader<'a> {
     pub fn remaining(&self) -> usize {
         self.buf.len().saturating_sub(self.pos)
     }
+    /// The next byte, not consumed.
+    #[inline]
+    pub fn peek(&self) -> Option<u8> {
+        self.buf.get(self.pos).copied()
+    }
     /// One byte.
     #[inline]
     pub fn u8(&mut self) -> Result<u8, CodecError> {

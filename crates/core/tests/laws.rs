@@ -271,6 +271,24 @@ proptest! {
         check_laws(&tevs, c1, c2, true, &[ColumnType::Timestamp])?;
     }
 
+    /// The variance family over decimals is exact: merged in any split it gives the same bits,
+    /// and it equals a two-pass computation over the values (mean first, then deviations).
+    #[test]
+    fn decimal_variance_is_exact(xs in prop::collection::vec(-99_999_999i128..99_999_999, 2..200), cut in 0usize..200) {
+        let var = aggregation(AggFunction::VarSamp, Some(DEC), false);
+        let evs: Vec<Ev> = xs.iter().enumerate().map(|(i, x)| Ev { row: vec![Value::Decimal(*x), Value::Null], ts: 0, id: i.to_string() }).collect();
+        let whole = aggregate(&var, &evs);
+        let cut = cut.min(evs.len());
+        let mut split = aggregate(&var, &evs[cut..]);
+        var.merge(&mut split, &aggregate(&var, &evs[..cut]));
+        prop_assert_eq!(&split, &whole);
+        let n = xs.len() as f64;
+        let mean = xs.iter().map(|x| *x as f64).sum::<f64>() / n;
+        let want = xs.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0) / 1e4;
+        let got = var.finalize(&whole).unwrap();
+        prop_assert!(matches!(got, Value::Float(g) if (g - want).abs() <= 1e-9 * want.max(1e-9)), "{got:?} vs {want}");
+    }
+
     /// Decimal sums and averages are exact integer arithmetic: compare with an independent i128 sum.
     #[test]
     fn decimal_sum_and_avg_are_exact(xs in prop::collection::vec(-99_999_999i128..99_999_999, 1..200)) {
