@@ -442,6 +442,20 @@ impl Aggregation {
         matches!(self.input_type, Some(ColumnType::Decimal { precision, .. }) if precision <= EXACT_MOMENTS_DIGITS)
     }
 
+    /// An exact moments state as floating-point `(n, mean, m2)` (for a merge with those); any
+    /// other state as empty moments.
+    fn float_moments(&self, state: &AggState) -> (u64, f64, f64) {
+        match state {
+            AggState::ExactMoments { n, sum, sumsq } if *n > 0 => {
+                let scale = 10f64.powi(self.scale() as i32);
+                let nf = *n as f64;
+                let m2 = exact_moment_numerator(*n, *sum, *sumsq) / nf / (scale * scale);
+                (*n, *sum as f64 / nf / scale, m2)
+            }
+            _ => (0, 0.0, 0.0),
+        }
+    }
+
     fn scale(&self) -> u8 {
         match self.input_type {
             Some(ColumnType::Decimal { scale, .. }) => scale,
@@ -612,25 +626,16 @@ impl Aggregation {
             // A floating-point state (stored before exact moments, or by an older writer) makes
             // the merge floating-point.
             (a @ AggState::ExactMoments { .. }, AggState::Moments { n, mean, m2 }) => {
-                *a = self.float_moments(a);
-                if let AggState::Moments {
+                let (mut na, mut ma, mut m2a) = self.float_moments(a);
+                merge_moments((&mut na, &mut ma, &mut m2a), (*n, *mean, *m2));
+                *a = AggState::Moments {
                     n: na,
                     mean: ma,
                     m2: m2a,
-                } = a
-                {
-                    merge_moments((na, ma, m2a), (*n, *mean, *m2));
-                }
+                };
             }
             (AggState::Moments { n, mean, m2 }, b @ AggState::ExactMoments { .. }) => {
-                if let AggState::Moments {
-                    n: nb,
-                    mean: mb,
-                    m2: m2b,
-                } = self.float_moments(b)
-                {
-                    merge_moments((n, mean, m2), (nb, mb, m2b));
-                }
+                merge_moments((n, mean, m2), self.float_moments(b))
             }
             (AggState::Distinct(a), AggState::Distinct(b)) => a.merge(b),
             (AggState::Sketch(a), AggState::Sketch(b)) => a.merge(b),
@@ -697,42 +702,16 @@ impl Aggregation {
             }
             (Min | Max, AggState::Extreme(v)) => v.clone().unwrap_or(Value::Null),
             (f @ (VarSamp | VarPop | StddevSamp | StddevPop), AggState::Moments { n, m2, .. }) => {
-                let sample = matches!(f, VarSamp | StddevSamp);
-                let var = if sample {
-                    if *n < 2 {
-                        return Ok(Value::Null);
-                    }
-                    m2 / (*n - 1) as f64
-                } else {
-                    if *n < 1 {
-                        return Ok(Value::Null);
-                    }
-                    m2 / *n as f64
-                };
-                Value::Float(if matches!(f, StddevSamp | StddevPop) {
-                    var.sqrt()
-                } else {
-                    var
-                })
+                spread(f, *n, |divisor| m2 / divisor)
             }
             (
                 f @ (VarSamp | VarPop | StddevSamp | StddevPop),
                 AggState::ExactMoments { n, sum, sumsq },
-            ) => {
-                let sample = matches!(f, VarSamp | StddevSamp);
-                if *n < 1 + sample as u64 {
-                    return Ok(Value::Null);
-                }
+            ) => spread(f, *n, |divisor| {
                 // n·Σx² − (Σx)², exact (it is never negative), then one division.
                 let num = exact_moment_numerator(*n, *sum, *sumsq);
-                let denom = *n as f64 * if sample { *n - 1 } else { *n } as f64;
-                let var = num / denom / 10f64.powi(2 * self.scale() as i32);
-                Value::Float(if matches!(f, StddevSamp | StddevPop) {
-                    var.sqrt()
-                } else {
-                    var
-                })
-            }
+                num / (*n as f64 * divisor) / 10f64.powi(2 * self.scale() as i32)
+            }),
             (CountDistinct, AggState::Distinct(s)) => Value::Int(s.len() as i64),
             (ApproxCountDistinct, AggState::Sketch(h)) => Value::Int(h.estimate() as i64),
             (LastValue, AggState::Last(v)) => {
@@ -1052,27 +1031,18 @@ fn merge_float_sum(sum: &mut f64, n: &mut u64, s2: f64, n2: u64) {
     }
 }
 
-impl Aggregation {
-    /// An exact moments state as floating-point moments (for a merge with one of those).
-    fn float_moments(&self, state: &AggState) -> AggState {
-        match state {
-            AggState::ExactMoments { n, sum, sumsq } if *n > 0 => {
-                let scale = 10f64.powi(self.scale() as i32);
-                let nf = *n as f64;
-                AggState::Moments {
-                    n: *n,
-                    mean: *sum as f64 / nf / scale,
-                    m2: exact_moment_numerator(*n, *sum, *sumsq) / nf / (scale * scale),
-                }
-            }
-            AggState::ExactMoments { .. } => AggState::Moments {
-                n: 0,
-                mean: 0.0,
-                m2: 0.0,
-            },
-            other => other.clone(),
-        }
+/// A variance-family value from `n` values and the variance for a divisor (`n − 1` for the
+/// sample functions, `n` for the population ones): NULL below 2 (sample) or 1 values.
+fn spread(f: AggFunction, n: u64, var: impl FnOnce(f64) -> f64) -> Value {
+    let sample = matches!(f, AggFunction::VarSamp | AggFunction::StddevSamp);
+    if n < 1 + sample as u64 {
+        return Value::Null;
     }
+    let var = var((n - sample as u64) as f64);
+    Value::Float(match f {
+        AggFunction::StddevSamp | AggFunction::StddevPop => var.sqrt(),
+        _ => var,
+    })
 }
 
 /// `n·Σx² − (Σx)²` of exact moments, computed exactly in 256 bits and rounded once to `f64`
