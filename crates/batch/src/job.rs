@@ -1301,9 +1301,10 @@ async fn leaving_with_rows(
         }
         _ => BTreeSet::new(),
     };
-    let rows = match incremental {
-        true => previous_rows(store, view, leaving.iter().map(String::as_str)).await?,
-        false => EntityMap::default(),
+    let rows = if incremental {
+        previous_rows(store, view, leaving.iter().map(String::as_str)).await?
+    } else {
+        EntityMap::default()
     };
     Ok((leaving, rows))
 }

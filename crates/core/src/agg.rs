@@ -902,8 +902,9 @@ impl Aggregation {
                 }
                 Ok(())
             }),
-            // Variable-size states, and a state of another aggregation (a caller's bug): as
-            // decoding and merging does.
+            // Variable-size states, a state of another aggregation (a caller's bug), and a stored
+            // state of another kind than `state` (floating-point moments an older writer stored,
+            // merged into exact ones): as decoding and merging does.
             _ if matches!(state, AggState::Sketch(_) | AggState::Last(_))
                 || tag_of(state) != self.state_tag()
                 || r.peek() != Some(tag_of(state)) =>
@@ -912,10 +913,10 @@ impl Aggregation {
                 self.merge(state, &other);
                 Ok(())
             }
-            // Fixed-size states, read in place after their tag.
+            // Fixed-size states, read in place after their tag (checked by the `peek` above).
             _ => {
-                self.read_tag(r, tag_of(state))?;
                 let read = |r: &mut Reader<'_>, state: &mut AggState| -> Result<(), CodecError> {
+                    r.u8()?;
                     match state {
                         AggState::Count(a) => *a += r.u64()?,
                         AggState::SumInt { sum, n } | AggState::SumDecimal { sum, n } => {
